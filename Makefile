@@ -1,0 +1,32 @@
+# cape-static-ip: `make run` starts everything locally, `make test` runs every test.
+SHELL := /bin/bash
+include hack/controlplane/cluster.mk
+include hack/release.mk
+
+.PHONY: all build run test lint fmt bench clean
+
+all: build
+
+build:
+	cargo build --bin cape-static-ip
+
+## run: the webhook against the configured cluster, or a local control plane when none.
+run: controlplane
+	@bash hack/run.sh
+
+## test: unit tests, then integration tests on a real kube-apiserver + etcd.
+test: controlplane
+	cargo fmt --all -- --check
+	cargo clippy --all-targets -- -D warnings
+	cargo test --all-targets -- --test-threads=4
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --all-targets -- -D warnings
+
+fmt:
+	cargo fmt --all
+
+clean:
+	cargo clean
+	rm -rf .dev out

@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# Renders, deploys and releases the manifests in manifests/ (a kustomize base).
+#
+#   hack/release.sh version          the crate version from Cargo.toml
+#   hack/release.sh render IMAGE     the rendered manifests with the image set to IMAGE (stdout)
+#   hack/release.sh deploy IMAGE     kubectl apply them (server-side) to the current cluster
+#   hack/release.sh release [IMAGE]  write out/components.yaml (image default cape-static-ip:vVERSION)
+#                                    and out/metadata.yaml (clusterctl provider metadata)
+#
+# kubectl (with its built-in kustomize): $KUBECTL, else `kubectl` on PATH, else the pinned one
+# built by hack/controlplane/build.sh. OUT (default out) is the release directory.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+OUT="${OUT:-out}"
+
+die() { echo "release.sh: $*" >&2; exit 1; }
+
+kubectl_bin() {
+  if [[ -n "${KUBECTL:-}" ]]; then
+    echo "$KUBECTL"
+  elif command -v kubectl >/dev/null 2>&1; then
+    command -v kubectl
+  else
+    bash hack/controlplane/build.sh --print | grep '/kubectl$'
+  fi
+}
+
+version() {
+  # `version = "..."` of the [package] table (dependencies may have their own).
+  local v
+  v=$(sed -n '/^\[package\]/,/^\[/s/^version *= *"\([^"]*\)".*/\1/p' Cargo.toml | head -1)
+  [[ -n "$v" ]] || die "no [package] version in Cargo.toml"
+  echo "$v"
+}
+
+# Splits IMAGE into kustomize's newName and newTag/digest, as docker reads a reference:
+# a ':' after the last '/' starts the tag (so registry:5000/name keeps its port).
+kustomize_image() {
+  local img=$1 name tag="" digest=""
+  if [[ "$img" == *@* ]]; then
+    name=${img%%@*}; digest=${img#*@}
+  else
+    name=$img
+    local last=${img##*/}
+    if [[ "$last" == *:* ]]; then
+      tag=${last##*:}; name=${img%:*}
+    fi
+  fi
+  [[ -n "$name" ]] || die "bad image reference '$img'"
+  echo "  - name: cape-static-ip"
+  echo "    newName: $name"
+  [[ -n "$tag" ]] && echo "    newTag: \"$tag\""
+  [[ -n "$digest" ]] && echo "    digest: $digest"
+  return 0
+}
+
+# render IMAGE: the base through a throwaway overlay that only replaces the image.
+render() {
+  local img=${1:?render needs an image} kubectl overlay rendered
+  # A reference without tag or digest means :latest (kustomize would keep the base's tag).
+  [[ "$img" == *@* || "${img##*/}" == *:* ]] || img="$img:latest"
+  kubectl=$(kubectl_bin)
+  overlay=$(mktemp -d "$ROOT/target/.render.XXXXXX" 2>/dev/null || { mkdir -p "$ROOT/target"; mktemp -d "$ROOT/target/.render.XXXXXX"; })
+  # shellcheck disable=SC2064
+  trap "rm -rf '$overlay'" RETURN EXIT
+  {
+    echo "apiVersion: kustomize.config.k8s.io/v1beta1"
+    echo "kind: Kustomization"
+    echo "resources:"
+    echo "  - ../../manifests"
+    echo "images:"
+    kustomize_image "$img"
+  } >"$overlay/kustomization.yaml"
+  rendered=$("$kubectl" kustomize "$overlay")
+  grep -qxF "        image: $img" <<<"$rendered" || die "rendered manifests do not use image $img"
+  printf '%s\n' "$rendered"
+}
+
+deploy() {
+  local img=${1:?deploy needs an image} kubectl
+  kubectl=$(kubectl_bin)
+  render "$img" | "$kubectl" apply --server-side --field-manager=cape-static-ip-deploy -f -
+}
+
+release() {
+  local v major minor img
+  v=$(version)
+  img=${1:-cape-static-ip:v$v}
+  IFS=. read -r major minor _ <<<"$v"
+  mkdir -p "$OUT"
+  render "$img" >"$OUT/components.yaml.tmp"
+  mv -f "$OUT/components.yaml.tmp" "$OUT/components.yaml"
+  cat >"$OUT/metadata.yaml" <<META
+# clusterctl provider metadata for cape-static-ip v$v.
+apiVersion: clusterctl.cluster.x-k8s.io/v1alpha3
+kind: Metadata
+releaseSeries:
+  - major: $major
+    minor: $minor
+    contract: v1beta1
+META
+  echo "release.sh: wrote $OUT/components.yaml (image $img) and $OUT/metadata.yaml" >&2
+}
+
+cmd=${1:-}
+shift || true
+case "$cmd" in
+  version) version ;;
+  render) render "$@" ;;
+  deploy) deploy "$@" ;;
+  release) release "$@" ;;
+  *) sed -n '2,11p' "${BASH_SOURCE[0]}" >&2; exit 2 ;;
+esac

@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# `make run`: the whole thing on this machine.
+# - With a reachable cluster (KUBECONFIG or ~/.kube/config), uses it. Otherwise starts the
+#   local control plane (etcd + kube-apiserver, CRDs installed), kubeconfig in .dev/kubeconfig.
+# - Writes dev certificates to certs/ (once), starts the webhook on 127.0.0.1:9443 (admin on
+#   127.0.0.1:8080), registers it for every namespace, applies a sample IPPool and
+#   ElfMachineTemplate, and prints the commands that create a machine and show its IP.
+# - Ctrl-C unregisters the webhook and stops everything it started.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$(pwd)
+LISTEN=${CAPE_STATIC_IP_LISTEN:-127.0.0.1:9443}
+ADMIN=${CAPE_STATIC_IP_ADMIN_LISTEN:-127.0.0.1:8080}
+WEBHOOK_NAME=cape-static-ip-dev
+
+mapfile -t bins < <(bash hack/controlplane/build.sh --print)
+KUBECTL=$(printf '%s\n' "${bins[@]}" | grep '/kubectl$')
+
+started_cluster=0
+k() { "$KUBECTL" "$@"; }
+if [[ -n "${KUBECONFIG:-}" || -f "$HOME/.kube/config" ]] && k version --request-timeout=5s >/dev/null 2>&1; then
+  echo "using the cluster of ${KUBECONFIG:-$HOME/.kube/config}"
+else
+  echo "no reachable cluster: starting the local control plane"
+  mkdir -p .dev
+  bash hack/controlplane/cluster.sh down .dev/cluster >/dev/null 2>&1 || true
+  bash hack/controlplane/cluster.sh up .dev/cluster --crds cape-v1.8.1 --crds metal3-v1.13.2 --crds capi-v1.14.0
+  cp .dev/cluster/kubeconfig .dev/kubeconfig
+  export KUBECONFIG=$ROOT/.dev/kubeconfig
+  started_cluster=1
+fi
+
+echo "building cape-static-ip..."
+cargo build --quiet --bin cape-static-ip
+BIN=$ROOT/target/debug/cape-static-ip
+[[ -f certs/tls.crt && -f certs/tls.key && -f certs/ca.crt ]] || "$BIN" certs --out certs
+
+pid=""
+cleanup() {
+  trap - INT TERM EXIT
+  echo
+  echo "stopping: unregistering the webhook"
+  k delete mutatingwebhookconfiguration "$WEBHOOK_NAME" --ignore-not-found --request-timeout=5s >/dev/null 2>&1 || true
+  [[ -n "$pid" ]] && kill -TERM "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
+  if [[ $started_cluster == 1 ]]; then
+    bash hack/controlplane/cluster.sh down .dev/cluster || true
+  fi
+}
+trap cleanup INT TERM EXIT
+
+"$BIN" serve --listen "$LISTEN" --admin-listen "$ADMIN" \
+  --tls-cert-file certs/tls.crt --tls-key-file certs/tls.key &
+pid=$!
+for _ in $(seq 1 100); do
+  curl -fsS "http://$ADMIN/readyz" >/dev/null 2>&1 && break
+  kill -0 "$pid" 2>/dev/null || { echo "the webhook exited" >&2; exit 1; }
+  sleep 0.1
+done
+
+CA=$(base64 -w0 < certs/ca.crt)
+k apply -f - >/dev/null <<YAML
+apiVersion: admissionregistration.k8s.io/v1
+kind: MutatingWebhookConfiguration
+metadata:
+  name: $WEBHOOK_NAME
+webhooks:
+  - name: elfmachines.static-ip.infrastructure.cluster.x-k8s.io
+    admissionReviewVersions: ["v1"]
+    clientConfig:
+      url: https://$LISTEN/mutate-elfmachine
+      caBundle: $CA
+    rules:
+      - apiGroups: ["infrastructure.cluster.x-k8s.io"]
+        apiVersions: ["*"]
+        operations: ["CREATE", "UPDATE"]
+        resources: ["elfmachines"]
+        scope: Namespaced
+    failurePolicy: Fail
+    sideEffects: NoneOnDryRun
+    timeoutSeconds: 10
+    matchPolicy: Equivalent
+    reinvocationPolicy: IfNeeded
+YAML
+k apply -f manifests/samples/ippool.yaml -f manifests/samples/elfmachinetemplate.yaml >/dev/null
+
+cat <<MSG
+
+cape-static-ip is running (webhook https://$LISTEN, admin http://$ADMIN). In another shell:
+
+  export KUBECONFIG=${KUBECONFIG:-$HOME/.kube/config}
+  $KUBECTL apply -f manifests/samples/elfmachine.yaml
+  $KUBECTL get elfmachine demo-md-0-8f7qk-x2b9m -o jsonpath='{.spec.network.devices[0].ipAddrs}{"\n"}'
+
+Ctrl-C stops everything this started.
+MSG
+wait "$pid"

@@ -1,0 +1,699 @@
+//! Gives every device of a machine that needs a static address one address: selects the
+//! pool, reserves a candidate in the in-memory index, records it as an IPAddress (the lock)
+//! and then an IPClaim pointing at it, and gives back everything it wrote when any device
+//! fails (all or nothing). The same code serves admission and the background reconciler.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, Client, ResourceExt};
+
+use crate::cluster::cache::Caches;
+use crate::cluster::crd::{ElfMachineTemplate, IPAddress, IPClaim, NetworkDevice};
+use crate::cluster::index::PoolUnavailable;
+use crate::cluster::writer::{self, AddressObject, Created};
+use crate::contract::*;
+use crate::ipam::allocate::AllocError;
+use crate::ipam::pool::{Pool, address_name};
+use crate::ipam::select::{self, DeviceRequest, PoolKey};
+
+/// How many times one device retries after losing an address to another writer (409)
+/// before giving up on a pool.
+const MAX_CONFLICTS: usize = 64;
+/// How long to wait for a claim that another request is filling in.
+const CLAIM_WAIT_TRIES: usize = 20;
+const CLAIM_WAIT_STEP: Duration = Duration::from_millis(100);
+
+/// The machine as admission sees it.
+#[derive(Debug, Clone)]
+pub struct MachineView<'a> {
+    pub namespace: &'a str,
+    pub name: &'a str,
+    /// Known once the machine exists (UPDATE, reconciler); never at CREATE.
+    pub uid: Option<&'a str>,
+    pub labels: &'a BTreeMap<String, String>,
+    pub annotations: &'a BTreeMap<String, String>,
+    pub devices: &'a [NetworkDevice],
+}
+
+/// An address held by one device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub device: usize,
+    pub pool: PoolKey,
+    pub claim: String,
+    pub address: Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: Option<Ipv4Addr>,
+    pub dns_servers: Vec<Ipv4Addr>,
+}
+
+/// Why a machine could not get its addresses. Every message names the machine, the device
+/// and what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum AssignError {
+    #[error("ElfMachine {machine} device {device}: {reason}")]
+    NoPool {
+        machine: String,
+        device: usize,
+        reason: String,
+    },
+    #[error("ElfMachine {machine} device {device}: {reason}; fix the IPPool or choose another")]
+    BadPool {
+        machine: String,
+        device: usize,
+        reason: String,
+    },
+    #[error(
+        "ElfMachine {machine} device {device}: no free address in {tried}; add a range to the pool, free addresses, or label another pool"
+    )]
+    Exhausted {
+        machine: String,
+        device: usize,
+        tried: String,
+    },
+    #[error("ElfMachine {machine} device {device}: {reason}")]
+    Conflict {
+        machine: String,
+        device: usize,
+        reason: String,
+    },
+    #[error("ElfMachine {machine} device {device}: {action} failed: {source}")]
+    Api {
+        machine: String,
+        device: usize,
+        action: String,
+        #[source]
+        source: kube::Error,
+    },
+}
+
+impl AssignError {
+    /// The HTTP-like code of the denial.
+    pub fn code(&self) -> u16 {
+        match self {
+            AssignError::NoPool { .. } => 404,
+            AssignError::BadPool { .. } => 422,
+            AssignError::Exhausted { .. } => 409,
+            AssignError::Conflict { .. } => 409,
+            AssignError::Api { .. } => 503,
+        }
+    }
+}
+
+/// Whether a device takes a static address that it does not have yet.
+pub fn needs_address(device: &NetworkDevice) -> bool {
+    device.network_type == NETWORK_TYPE_STATIC && device.ip_addrs.is_empty()
+}
+
+/// Assigns addresses; shared by admission and the reconciler.
+#[derive(Clone)]
+pub struct Assigner {
+    pub client: Client,
+    pub caches: Caches,
+    pub default_namespace: String,
+}
+
+/// What one request wrote, to give back on failure.
+#[derive(Debug, Default)]
+struct Written {
+    addresses: Vec<(String, String, PoolKey, Ipv4Addr)>,
+    claims: Vec<(String, String)>,
+}
+
+impl Assigner {
+    /// Gives an address to every device of `m` that needs one. With `dry_run`, shows what
+    /// would be chosen and writes nothing.
+    pub async fn assign(
+        &self,
+        m: &MachineView<'_>,
+        dry_run: bool,
+    ) -> Result<Vec<Lease>, AssignError> {
+        let wanted: Vec<usize> = (0..m.devices.len())
+            .filter(|&i| needs_address(&m.devices[i]))
+            .collect();
+        if wanted.is_empty() {
+            return Ok(Vec::new());
+        }
+        let template_labels = self.template_labels(m).await;
+        let mut leases = Vec::new();
+        let mut written = Written::default();
+        for &device in &wanted {
+            let result = self
+                .lease_device(
+                    m,
+                    device,
+                    template_labels.as_ref(),
+                    &leases,
+                    dry_run,
+                    &mut written,
+                )
+                .await;
+            match result {
+                Ok(lease) => leases.push(lease),
+                Err(e) => {
+                    self.give_back(written).await;
+                    return Err(e);
+                }
+            }
+        }
+        Ok(leases)
+    }
+
+    /// The labels of the machine's ElfMachineTemplate (annotation `cloned-from-name`), from
+    /// the cache, else read live (the template may have been created an instant ago).
+    async fn template_labels(
+        &self,
+        m: &MachineView<'_>,
+    ) -> Option<Result<BTreeMap<String, String>, String>> {
+        let name = m.annotations.get(ANNOTATION_CLONED_FROM_NAME)?;
+        let key = ObjectRef::<ElfMachineTemplate>::new(name).within(m.namespace);
+        if let Some(t) = self.caches.templates.get(&key) {
+            return Some(Ok(t.labels().clone()));
+        }
+        let api: Api<ElfMachineTemplate> = Api::namespaced(self.client.clone(), m.namespace);
+        Some(match api.get_metadata_opt(name).await {
+            Ok(Some(t)) => Ok(t.labels().clone()),
+            Ok(None) => Err(format!(
+                "its ElfMachineTemplate {}/{name} (annotation {ANNOTATION_CLONED_FROM_NAME}) does not exist",
+                m.namespace
+            )),
+            Err(e) => Err(format!(
+                "reading ElfMachineTemplate {}/{name} failed: {e}",
+                m.namespace
+            )),
+        })
+    }
+
+    async fn lease_device(
+        &self,
+        m: &MachineView<'_>,
+        device: usize,
+        template: Option<&Result<BTreeMap<String, String>, String>>,
+        earlier: &[Lease],
+        dry_run: bool,
+        written: &mut Written,
+    ) -> Result<Lease, AssignError> {
+        let machine = machine_key(m.namespace, m.name);
+        let pool_ref = m.devices[device]
+            .addresses_from_pools
+            .first()
+            .filter(|r| names_metal3_pool(r.api_group.as_deref(), &r.kind))
+            .map(|r| r.name.as_str());
+        let template_labels = template.and_then(|t| t.as_ref().ok());
+        let request = DeviceRequest {
+            machine_namespace: m.namespace,
+            machine_labels: m.labels,
+            template_labels,
+            pool_ref,
+        };
+        let metas = self.caches.index.pool_metas();
+        let selection = select::select(&request, &metas, &self.default_namespace).map_err(|e| {
+            let mut reason = e.to_string();
+            if let Some(Err(t)) = template {
+                reason.push_str(&format!(" ({t})"));
+            }
+            AssignError::NoPool {
+                machine: machine.clone(),
+                device,
+                reason,
+            }
+        })?;
+        let claim = claim_name(m.namespace, m.name, device);
+
+        // A claim that exists already (a retried request, a wiped ipAddrs, the Go
+        // controller's claim on take-over) keeps its address.
+        for pool in &selection.candidates {
+            if let Some(lease) = self.existing_lease(m, device, pool, &claim, false).await? {
+                return Ok(lease);
+            }
+        }
+
+        let mut full = Vec::new();
+        for pool in &selection.candidates {
+            if dry_run {
+                let skip: Vec<Ipv4Addr> = earlier.iter().map(|l| l.address).collect();
+                let peek = self
+                    .caches
+                    .index
+                    .with_pool(pool, |s| {
+                        s.peek(&claim, &skip)
+                            .map(|ip| lease_of(s.pool(), device, pool, &claim, ip))
+                    })
+                    .map_err(|e| self.unavailable(&machine, device, e))?;
+                match peek {
+                    Some(lease) => return Ok(lease),
+                    None => {
+                        full.push(pool.to_string());
+                        continue;
+                    }
+                }
+            }
+            match self.take_address(m, device, pool, &claim, written).await? {
+                Some(lease) => {
+                    if self.record_claim(m, device, &lease, written).await? {
+                        return Ok(lease);
+                    }
+                    // The same request is being served elsewhere: its claim wins.
+                    if let Some(ours) = written.addresses.pop() {
+                        self.give_back(Written {
+                            addresses: vec![ours],
+                            claims: Vec::new(),
+                        })
+                        .await;
+                    }
+                    return self.wait_for_claim(m, device, pool, &claim).await;
+                }
+                None => full.push(pool.to_string()),
+            }
+        }
+        Err(AssignError::Exhausted {
+            machine,
+            device,
+            tried: full.join(", "),
+        })
+    }
+
+    fn unavailable(&self, machine: &str, device: usize, e: PoolUnavailable) -> AssignError {
+        match e {
+            PoolUnavailable::Missing(key) => AssignError::NoPool {
+                machine: machine.to_string(),
+                device,
+                reason: format!("IPPool {key} does not exist"),
+            },
+            PoolUnavailable::Invalid(reason) => AssignError::BadPool {
+                machine: machine.to_string(),
+                device,
+                reason,
+            },
+        }
+    }
+
+    /// Reserves addresses in `pool` and creates their IPAddress until one create succeeds.
+    /// `None` when the pool has no free address.
+    async fn take_address(
+        &self,
+        m: &MachineView<'_>,
+        device: usize,
+        pool: &PoolKey,
+        claim: &str,
+        written: &mut Written,
+    ) -> Result<Option<Lease>, AssignError> {
+        let machine = machine_key(m.namespace, m.name);
+        let index = &self.caches.index;
+        let pool_uid = self
+            .caches
+            .pools
+            .get(&ObjectRef::new(&pool.name).within(&pool.namespace))
+            .and_then(|p| p.uid());
+        let labels = owner_labels(m.namespace, m.name);
+        for _ in 0..MAX_CONFLICTS {
+            let reserved = index
+                .with_pool(pool, |s| {
+                    let mut rng = rand::rng();
+                    s.reserve(claim, &mut rng).map(|ip| {
+                        let lease = lease_of(s.pool(), device, pool, claim, ip);
+                        (ip, lease, address_name(&s.pool().name_prefix, ip))
+                    })
+                })
+                .map_err(|e| self.unavailable(&machine, device, e))?;
+            let (ip, lease, name) = match reserved {
+                Ok(r) => r,
+                Err(AllocError::Exhausted(_)) => return Ok(None),
+                Err(e) => {
+                    return Err(AssignError::BadPool {
+                        machine,
+                        device,
+                        reason: e.to_string(),
+                    });
+                }
+            };
+            let object = AddressObject {
+                name: &name,
+                pool,
+                pool_uid: pool_uid.as_deref(),
+                claim,
+                address: ip,
+                prefix: lease.prefix,
+                gateway: lease.gateway,
+                dns_servers: &lease.dns_servers,
+                labels: &labels,
+            };
+            match writer::create_address(&self.client, &object).await {
+                Ok(Created::Created(_)) => {
+                    let _ = index.with_pool(pool, |s| s.commit(ip));
+                    written
+                        .addresses
+                        .push((pool.namespace.clone(), name, pool.clone(), ip));
+                    return Ok(Some(lease));
+                }
+                Ok(Created::Exists) => {
+                    let _ = index.with_pool(pool, |s| {
+                        s.unreserve(ip);
+                        s.observe_used(ip);
+                    });
+                    // A pre-allocated address comes back on every try: someone else holds it.
+                    let pinned = index
+                        .with_pool(pool, |s| s.pool().pre_allocations.get(claim).copied())
+                        .ok()
+                        .flatten();
+                    if pinned == Some(ip) {
+                        return Err(AssignError::Conflict {
+                            machine,
+                            device,
+                            reason: format!(
+                                "address {ip} is pre-allocated to claim {claim} in IPPool {pool}, but IPAddress {}/{name} already holds it; delete that IPAddress or change spec.preAllocations",
+                                pool.namespace
+                            ),
+                        });
+                    }
+                }
+                Err(source) => {
+                    let _ = index.with_pool(pool, |s| s.unreserve(ip));
+                    return Err(AssignError::Api {
+                        machine,
+                        device,
+                        action: format!("creating IPAddress {}/{name}", pool.namespace),
+                        source,
+                    });
+                }
+            }
+        }
+        Err(AssignError::Conflict {
+            machine,
+            device,
+            reason: format!(
+                "lost {MAX_CONFLICTS} addresses in a row to other writers in IPPool {pool}; retry"
+            ),
+        })
+    }
+
+    /// Waits (briefly) for a claim that another request is filling in, and takes its lease.
+    async fn wait_for_claim(
+        &self,
+        m: &MachineView<'_>,
+        device: usize,
+        pool: &PoolKey,
+        claim: &str,
+    ) -> Result<Lease, AssignError> {
+        for _ in 0..CLAIM_WAIT_TRIES {
+            if let Some(lease) = self.existing_lease(m, device, pool, claim, true).await? {
+                return Ok(lease);
+            }
+            tokio::time::sleep(CLAIM_WAIT_STEP).await;
+        }
+        Err(AssignError::Conflict {
+            machine: machine_key(m.namespace, m.name),
+            device,
+            reason: format!(
+                "IPClaim {}/{claim} exists but has no address yet (another request is assigning it); retry",
+                pool.namespace
+            ),
+        })
+    }
+
+    /// Creates the claim for a freshly created address and points it at the address.
+    /// Returns false when a claim of that name exists already (the same request delivered
+    /// twice): the caller gives its address back and takes the claim's.
+    async fn record_claim(
+        &self,
+        m: &MachineView<'_>,
+        device: usize,
+        lease: &Lease,
+        written: &mut Written,
+    ) -> Result<bool, AssignError> {
+        let machine = machine_key(m.namespace, m.name);
+        let ns = &lease.pool.namespace;
+        let labels = owner_labels(m.namespace, m.name);
+        let annotations = owner_annotations(m, device);
+        let api_err = |action: String, source| AssignError::Api {
+            machine: machine.clone(),
+            device,
+            action,
+            source,
+        };
+        match writer::create_claim(
+            &self.client,
+            &lease.pool,
+            &lease.claim,
+            &labels,
+            &annotations,
+        )
+        .await
+        {
+            Ok(Created::Created(_)) => {
+                written.claims.push((ns.clone(), lease.claim.clone()));
+            }
+            Ok(Created::Exists) => return Ok(false),
+            Err(source) => {
+                return Err(api_err(
+                    format!("creating IPClaim {ns}/{}", lease.claim),
+                    source,
+                ));
+            }
+        }
+        let address = written
+            .addresses
+            .last()
+            .map(|a| a.1.clone())
+            .unwrap_or_default();
+        writer::set_claim_address(&self.client, ns, &lease.claim, &address)
+            .await
+            .map_err(|source| {
+                api_err(
+                    format!("setting status.address of IPClaim {ns}/{}", lease.claim),
+                    source,
+                )
+            })?;
+        Ok(true)
+    }
+
+    /// The lease held by an existing claim of this device, if any.
+    async fn existing_lease(
+        &self,
+        m: &MachineView<'_>,
+        device: usize,
+        pool: &PoolKey,
+        claim: &str,
+        live_read: bool,
+    ) -> Result<Option<Lease>, AssignError> {
+        let machine = machine_key(m.namespace, m.name);
+        let cached = self
+            .caches
+            .claims
+            .get(&ObjectRef::<IPClaim>::new(claim).within(&pool.namespace));
+        let of_claim = self.caches.index.addresses_of_claim(&pool.namespace, claim);
+        if !live_read && cached.is_none() && of_claim.is_empty() {
+            return Ok(None);
+        }
+        // Read the claim live: the decision must not rest on a lagging cache.
+        let live = writer::get_claim(&self.client, &pool.namespace, claim)
+            .await
+            .map_err(|source| AssignError::Api {
+                machine: machine.clone(),
+                device,
+                action: format!("reading IPClaim {}/{claim}", pool.namespace),
+                source,
+            })?;
+        if let Some(c) = &live {
+            let owner = c.annotations().get(ANNOTATION_MACHINE);
+            if owner.is_some_and(|o| *o != machine) {
+                return Err(AssignError::Conflict {
+                    machine,
+                    device,
+                    reason: format!(
+                        "IPClaim {}/{claim} belongs to ElfMachine {}; rename one of the machines",
+                        pool.namespace,
+                        owner.map(String::as_str).unwrap_or_default()
+                    ),
+                });
+            }
+            let claim_pool = c.spec.pool.name.as_deref().unwrap_or_default();
+            if claim_pool != pool.name {
+                return Ok(None);
+            }
+        }
+        // The address: the one the claim points at, else one that names the claim.
+        let pointed = live
+            .as_ref()
+            .and_then(|c| c.status.as_ref())
+            .and_then(|s| s.address.as_ref())
+            .and_then(|a| a.name.clone());
+        let address_name = match pointed {
+            Some(name) => Some(name),
+            None => of_claim
+                .iter()
+                .find(|a| a.pool == *pool)
+                .map(|a| a.name.clone()),
+        };
+        let Some(address_name) = address_name else {
+            return Ok(None);
+        };
+        let address = writer::get_address(&self.client, &pool.namespace, &address_name)
+            .await
+            .map_err(|source| AssignError::Api {
+                machine: machine.clone(),
+                device,
+                action: format!("reading IPAddress {}/{address_name}", pool.namespace),
+                source,
+            })?;
+        let Some(address) = address else {
+            return Ok(None);
+        };
+        let Some(lease) = lease_of_address(&address, device, pool, claim) else {
+            return Ok(None);
+        };
+        if live.is_none() {
+            // The address was written but its claim was not (an interrupted request).
+            let mut written = Written::default();
+            written.addresses.push((
+                pool.namespace.clone(),
+                address_name,
+                pool.clone(),
+                lease.address,
+            ));
+            if !self.record_claim(m, device, &lease, &mut written).await? {
+                return Ok(None);
+            }
+        } else if live
+            .as_ref()
+            .and_then(|c| c.status.as_ref())
+            .and_then(|s| s.address.as_ref())
+            .is_none()
+        {
+            writer::set_claim_address(&self.client, &pool.namespace, claim, &address_name)
+                .await
+                .map_err(|source| AssignError::Api {
+                    machine,
+                    device,
+                    action: format!(
+                        "setting status.address of IPClaim {}/{claim}",
+                        pool.namespace
+                    ),
+                    source,
+                })?;
+        }
+        Ok(Some(lease))
+    }
+
+    /// Deletes what a failed request wrote, newest first. Failures are logged: the sweeper
+    /// removes whatever is left once its grace period has passed.
+    async fn give_back(&self, written: Written) {
+        for (ns, name) in written.claims.iter().rev() {
+            if let Err(e) = writer::delete_claim(&self.client, ns, name, None).await {
+                tracing::warn!(claim = %format!("{ns}/{name}"), error = %e, "could not give back claim");
+            }
+        }
+        for (ns, name, pool, ip) in written.addresses.iter().rev() {
+            match writer::delete_address(&self.client, ns, name, None).await {
+                Ok(_) => {
+                    let _ = self
+                        .caches
+                        .index
+                        .with_pool(pool, |s| s.observe_released(*ip));
+                }
+                Err(e) => {
+                    tracing::warn!(address = %format!("{ns}/{name}"), error = %e, "could not give back address")
+                }
+            }
+        }
+    }
+}
+
+/// Whether an `addressesFromPools` entry names a metal3 IPPool.
+pub fn names_metal3_pool(api_group: Option<&str>, kind: &str) -> bool {
+    let group = api_group.unwrap_or_default();
+    (group == "ipam.metal3.io" && kind == "IPPool") || (group.is_empty() && kind.is_empty())
+}
+
+fn lease_of(pool: &Pool, device: usize, key: &PoolKey, claim: &str, ip: Ipv4Addr) -> Lease {
+    let range = pool.range_of(ip);
+    Lease {
+        device,
+        pool: key.clone(),
+        claim: claim.to_string(),
+        address: ip,
+        prefix: range.map(|r| r.prefix).unwrap_or(32),
+        gateway: range.and_then(|r| r.gateway),
+        dns_servers: range.map(|r| r.dns_servers.clone()).unwrap_or_default(),
+    }
+}
+
+/// The lease an existing IPAddress describes (as metal3 or the Go controller wrote it).
+fn lease_of_address(a: &IPAddress, device: usize, pool: &PoolKey, claim: &str) -> Option<Lease> {
+    Some(Lease {
+        device,
+        pool: pool.clone(),
+        claim: claim.to_string(),
+        address: a.spec.address.parse().ok()?,
+        prefix: a
+            .spec
+            .prefix
+            .and_then(|p| u8::try_from(p).ok())
+            .filter(|p| (1..=32).contains(p))?,
+        gateway: a.spec.gateway.as_deref().and_then(|g| g.parse().ok()),
+        dns_servers: a
+            .spec
+            .dns_servers
+            .iter()
+            .filter_map(|d| d.parse().ok())
+            .collect(),
+    })
+}
+
+/// Labels on the claims and addresses we write.
+pub fn owner_labels(namespace: &str, name: &str) -> BTreeMap<String, String> {
+    let mut labels = BTreeMap::from([
+        (LABEL_MANAGED_BY.to_string(), MANAGER.to_string()),
+        (LABEL_MACHINE_NAMESPACE.to_string(), namespace.to_string()),
+    ]);
+    if name.len() <= MAX_LABEL_VALUE {
+        labels.insert(LABEL_MACHINE_NAME.to_string(), name.to_string());
+    }
+    let owner = format!("{namespace}-{name}");
+    if owner.len() <= MAX_LABEL_VALUE {
+        labels.insert(LABEL_OWNER_NAME.to_string(), owner);
+    }
+    labels
+}
+
+fn owner_annotations(m: &MachineView<'_>, device: usize) -> BTreeMap<String, String> {
+    let mut annotations = BTreeMap::from([
+        (
+            ANNOTATION_MACHINE.to_string(),
+            machine_key(m.namespace, m.name),
+        ),
+        (ANNOTATION_DEVICE.to_string(), device.to_string()),
+    ]);
+    if let Some(uid) = m.uid {
+        annotations.insert(ANNOTATION_MACHINE_UID.to_string(), uid.to_string());
+    }
+    annotations
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metal3_pool_references() {
+        assert!(names_metal3_pool(Some("ipam.metal3.io"), "IPPool"));
+        assert!(names_metal3_pool(None, ""));
+        assert!(!names_metal3_pool(
+            Some("ipam.cluster.x-k8s.io"),
+            "InClusterIPPool"
+        ));
+        assert!(!names_metal3_pool(None, "IPPool"));
+    }
+
+    #[test]
+    fn long_names_skip_labels_but_keep_annotations() {
+        let long = "m".repeat(70);
+        let labels = owner_labels("ns", &long);
+        assert!(!labels.contains_key(LABEL_MACHINE_NAME));
+        assert!(!labels.contains_key(LABEL_OWNER_NAME));
+        assert_eq!(labels[LABEL_MANAGED_BY], MANAGER);
+    }
+}

@@ -1,0 +1,137 @@
+//! Development certificates: a CA and a serving certificate for the webhook, written by
+//! `cape-static-ip certs` for `make run`, the tests and the curl replay. Production uses
+//! cert-manager (see `manifests/`). Also reads a certificate's expiry for the metrics.
+
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
+};
+use time::{Duration, OffsetDateTime};
+
+/// Why certificates could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum CertsError {
+    #[error("generating certificates: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("writing {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A CA and a serving certificate signed by it, as PEM.
+#[derive(Debug, Clone)]
+pub struct DevCerts {
+    pub ca_cert: String,
+    pub ca_key: String,
+    pub cert: String,
+    pub key: String,
+}
+
+/// Generates a CA and a serving certificate for `hosts` (IP addresses become IP SANs, other
+/// names DNS SANs), valid for `days`.
+pub fn generate(hosts: &[String], days: i64) -> Result<DevCerts, CertsError> {
+    let now = OffsetDateTime::now_utc();
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.distinguished_name = DistinguishedName::new();
+    ca.distinguished_name
+        .push(DnType::CommonName, "cape-static-ip development CA");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    ca.not_before = now - Duration::hours(1);
+    ca.not_after = now + Duration::days(days);
+    let ca_key = KeyPair::generate()?;
+    let ca_cert = ca.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca, &ca_key);
+
+    let mut leaf = CertificateParams::new(hosts.to_vec())?;
+    leaf.distinguished_name = DistinguishedName::new();
+    leaf.distinguished_name.push(
+        DnType::CommonName,
+        hosts
+            .first()
+            .map(String::as_str)
+            .unwrap_or("cape-static-ip"),
+    );
+    leaf.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    leaf.not_before = now - Duration::hours(1);
+    leaf.not_after = now + Duration::days(days);
+    let key = KeyPair::generate()?;
+    let cert = leaf.signed_by(&key, &issuer)?;
+    Ok(DevCerts {
+        ca_cert: ca_cert.pem(),
+        ca_key: ca_key.serialize_pem(),
+        cert: cert.pem(),
+        key: key.serialize_pem(),
+    })
+}
+
+/// Writes `ca.crt`, `ca.key`, `tls.crt` and `tls.key` into `dir` (keys readable by the
+/// owner only).
+pub fn write(dir: &Path, certs: &DevCerts) -> Result<(), CertsError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| CertsError::Write { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    for (name, content, secret) in [
+        ("ca.crt", &certs.ca_cert, false),
+        ("ca.key", &certs.ca_key, true),
+        ("tls.crt", &certs.cert, false),
+        ("tls.key", &certs.key, true),
+    ] {
+        let path = dir.join(name);
+        let tmp = dir.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, content).map_err(io(&tmp))?;
+        if secret {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+                .map_err(io(&tmp))?;
+        }
+        std::fs::rename(&tmp, &path).map_err(io(&path))?;
+    }
+    Ok(())
+}
+
+/// The notAfter of a DER certificate, as Unix seconds.
+pub fn not_after(der: &[u8]) -> Option<i64> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(cert.validity().not_after.timestamp())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_pair_has_the_requested_names_and_expiry() {
+        let certs = generate(&["127.0.0.1".into(), "localhost".into()], 30).unwrap();
+        let der = rustls::pki_types::pem::PemObject::from_pem_slice(certs.cert.as_bytes())
+            .map(|c: rustls::pki_types::CertificateDer<'static>| c)
+            .unwrap();
+        let expiry = not_after(der.as_ref()).unwrap();
+        let in_30_days = OffsetDateTime::now_utc().unix_timestamp() + 30 * 86400;
+        assert!((expiry - in_30_days).abs() < 60);
+        let (_, parsed) = x509_parser::parse_x509_certificate(der.as_ref()).unwrap();
+        let sans = parsed
+            .subject_alternative_name()
+            .unwrap()
+            .unwrap()
+            .value
+            .general_names
+            .len();
+        assert_eq!(sans, 2);
+    }
+}

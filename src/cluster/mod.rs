@@ -1,0 +1,8 @@
+//! Everything that talks to the Kubernetes API: typed resources, watch caches, the
+//! in-memory allocation index they feed, and the writer.
+
+pub mod cache;
+pub mod certmanager;
+pub mod crd;
+pub mod index;
+pub mod writer;

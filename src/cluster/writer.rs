@@ -1,0 +1,210 @@
+//! Every write this project makes to metal3's objects: create an IPAddress (the lock on an
+//! address), create an IPClaim, point the claim at its address, and delete both on release.
+//! 404 on delete and 409 on create are answers, not failures: they are returned as values.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::{Api, Client};
+use serde_json::json;
+
+use super::crd::{IPAddress, IPAddressSpec, IPClaim, IPClaimSpec};
+use crate::ipam::select::PoolKey;
+
+const IPAM_API_VERSION: &str = "ipam.metal3.io/v1alpha1";
+
+/// The outcome of a create that may lose a race.
+#[derive(Debug)]
+pub enum Created<K> {
+    Created(K),
+    /// An object of that name exists already (HTTP 409).
+    Exists,
+}
+
+/// Everything an IPAddress records.
+#[derive(Debug, Clone)]
+pub struct AddressObject<'a> {
+    pub name: &'a str,
+    pub pool: &'a PoolKey,
+    pub pool_uid: Option<&'a str>,
+    pub claim: &'a str,
+    pub address: std::net::Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: Option<std::net::Ipv4Addr>,
+    pub dns_servers: &'a [std::net::Ipv4Addr],
+    pub labels: &'a BTreeMap<String, String>,
+}
+
+fn pool_ref(pool: &PoolKey) -> ObjectReference {
+    ObjectReference {
+        api_version: Some(IPAM_API_VERSION.into()),
+        kind: Some("IPPool".into()),
+        name: Some(pool.name.clone()),
+        namespace: Some(pool.namespace.clone()),
+        ..Default::default()
+    }
+}
+
+fn is_status(e: &kube::Error, code: u16) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == code)
+}
+
+/// Creates the IPAddress, as metal3's controller would (same name, spec and owner).
+pub async fn create_address(
+    client: &Client,
+    a: &AddressObject<'_>,
+) -> Result<Created<IPAddress>, kube::Error> {
+    let api: Api<IPAddress> = Api::namespaced(client.clone(), &a.pool.namespace);
+    let owner = a.pool_uid.map(|uid| {
+        vec![OwnerReference {
+            api_version: IPAM_API_VERSION.into(),
+            kind: "IPPool".into(),
+            name: a.pool.name.clone(),
+            uid: uid.into(),
+            ..Default::default()
+        }]
+    });
+    let object = IPAddress {
+        metadata: ObjectMeta {
+            name: Some(a.name.into()),
+            namespace: Some(a.pool.namespace.clone()),
+            labels: Some(a.labels.clone()),
+            owner_references: owner,
+            ..Default::default()
+        },
+        spec: IPAddressSpec {
+            address: a.address.to_string(),
+            prefix: Some(a.prefix.into()),
+            gateway: a.gateway.map(|g| g.to_string()),
+            dns_servers: a.dns_servers.iter().map(|d| d.to_string()).collect(),
+            pool: pool_ref(a.pool),
+            claim: ObjectReference {
+                name: Some(a.claim.into()),
+                namespace: Some(a.pool.namespace.clone()),
+                ..Default::default()
+            },
+        },
+    };
+    match api.create(&PostParams::default(), &object).await {
+        Ok(created) => Ok(Created::Created(created)),
+        Err(e) if is_status(&e, 409) => Ok(Created::Exists),
+        Err(e) => Err(e),
+    }
+}
+
+/// Creates the IPClaim for one device in the pool's namespace.
+pub async fn create_claim(
+    client: &Client,
+    pool: &PoolKey,
+    name: &str,
+    labels: &BTreeMap<String, String>,
+    annotations: &BTreeMap<String, String>,
+) -> Result<Created<IPClaim>, kube::Error> {
+    let api: Api<IPClaim> = Api::namespaced(client.clone(), &pool.namespace);
+    let object = IPClaim {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(pool.namespace.clone()),
+            labels: Some(labels.clone()),
+            annotations: Some(annotations.clone()),
+            ..Default::default()
+        },
+        spec: IPClaimSpec {
+            pool: pool_ref(pool),
+        },
+        status: None,
+    };
+    match api.create(&PostParams::default(), &object).await {
+        Ok(created) => Ok(Created::Created(created)),
+        Err(e) if is_status(&e, 409) => Ok(Created::Exists),
+        Err(e) => Err(e),
+    }
+}
+
+/// Points a claim's `status.address` at its IPAddress.
+pub async fn set_claim_address(
+    client: &Client,
+    namespace: &str,
+    claim: &str,
+    address: &str,
+) -> Result<(), kube::Error> {
+    let api: Api<IPClaim> = Api::namespaced(client.clone(), namespace);
+    let patch = json!({"status": {"address": {"name": address, "namespace": namespace}}});
+    api.patch_status(claim, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    Ok(())
+}
+
+/// Reads a claim; `None` when it does not exist.
+pub async fn get_claim(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<IPClaim>, kube::Error> {
+    Api::<IPClaim>::namespaced(client.clone(), namespace)
+        .get_opt(name)
+        .await
+}
+
+/// Reads an address; `None` when it does not exist.
+pub async fn get_address(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<IPAddress>, kube::Error> {
+    Api::<IPAddress>::namespaced(client.clone(), namespace)
+        .get_opt(name)
+        .await
+}
+
+/// Deletes a claim (optionally only if it is still the object with `uid`). Returns whether
+/// it existed.
+pub async fn delete_claim(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    uid: Option<&str>,
+) -> Result<bool, kube::Error> {
+    delete(
+        Api::<IPClaim>::namespaced(client.clone(), namespace),
+        name,
+        uid,
+    )
+    .await
+}
+
+/// Deletes an address (optionally only if it is still the object with `uid`). Returns
+/// whether it existed.
+pub async fn delete_address(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    uid: Option<&str>,
+) -> Result<bool, kube::Error> {
+    delete(
+        Api::<IPAddress>::namespaced(client.clone(), namespace),
+        name,
+        uid,
+    )
+    .await
+}
+
+async fn delete<K>(api: Api<K>, name: &str, uid: Option<&str>) -> Result<bool, kube::Error>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let params = DeleteParams {
+        preconditions: uid.map(|uid| Preconditions {
+            uid: Some(uid.into()),
+            resource_version: None,
+        }),
+        ..Default::default()
+    };
+    match api.delete(name, &params).await {
+        Ok(_) => Ok(true),
+        Err(e) if is_status(&e, 404) => Ok(false),
+        Err(e) => Err(e),
+    }
+}

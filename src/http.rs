@@ -1,0 +1,144 @@
+//! HTTP endpoints. The webhook router (`POST /mutate-elfmachine`, served over TLS) and the
+//! admin router (`/livez`, `/readyz`, `/metrics`, plain HTTP) are built apart from binding,
+//! so tests can drive them without a socket.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use base64::Engine;
+use kube::core::DynamicObject;
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
+use serde_json::Value;
+
+use crate::admission;
+use crate::assign::Assigner;
+use crate::metrics::Metrics;
+
+/// The path the MutatingWebhookConfiguration calls.
+pub const MUTATE_PATH: &str = "/mutate-elfmachine";
+
+/// How long a review waits for the caches at start-up before it is refused.
+const SYNC_WAIT: Duration = Duration::from_secs(5);
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    pub assigner: Assigner,
+    pub metrics: Arc<Metrics>,
+    /// Set when shutdown starts: not ready any more.
+    pub stopping: Arc<AtomicBool>,
+}
+
+/// The webhook router.
+pub fn webhook_router(state: AppState) -> Router {
+    Router::new()
+        .route(MUTATE_PATH, post(mutate))
+        .route("/mutate", post(mutate))
+        .with_state(state)
+}
+
+/// The admin router.
+pub fn admin_router(state: AppState) -> Router {
+    Router::new()
+        .route("/livez", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    if state.stopping.load(Ordering::Relaxed) {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response()
+    } else if !state.assigner.caches.ready() {
+        (StatusCode::SERVICE_UNAVAILABLE, "caches not synced").into_response()
+    } else {
+        "ok".into_response()
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    state
+        .metrics
+        .caches_synced
+        .set(i64::from(state.assigner.caches.ready()));
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn mutate(State(state): State<AppState>, body: Bytes) -> Response {
+    let review: AdmissionReview<DynamicObject> = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            let mut timer = state.metrics.time_review("UNKNOWN");
+            timer.result("invalid");
+            return json_response(
+                AdmissionResponse::invalid(format!("unreadable AdmissionReview: {e}"))
+                    .into_review(),
+            );
+        }
+    };
+    let operation = review
+        .request
+        .as_ref()
+        .map(|r| format!("{:?}", r.operation).to_uppercase())
+        .unwrap_or_else(|| "UNKNOWN".into());
+    let mut timer = state.metrics.time_review(&operation);
+    if !state.assigner.caches.ready()
+        && tokio::time::timeout(SYNC_WAIT, state.assigner.caches.wait_ready())
+            .await
+            .is_err()
+        && let Ok(request) = TryInto::<AdmissionRequest<DynamicObject>>::try_into(review.clone())
+    {
+        timer.result("denied");
+        let decision = admission::Decision::Deny {
+            code: 503,
+            message: "cape-static-ip is starting: its caches of IPPools and IPAddresses are not synced yet; retry".into(),
+        };
+        return json_response(admission::respond(&request, decision).into_review());
+    }
+    let answer = admission::review(&state.assigner, review).await;
+    timer.result(match &answer.response {
+        Some(r) if !r.allowed => "denied",
+        Some(r) if r.patch.is_some() => "patched",
+        Some(_) => "allowed",
+        None => "invalid",
+    });
+    json_response(answer)
+}
+
+/// Serializes a review, with the patch as the base64 string the API documents.
+fn json_response(review: AdmissionReview<DynamicObject>) -> Response {
+    let mut value = match serde_json::to_value(&review) {
+        Ok(v) => v,
+        Err(e) => {
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("could not encode the AdmissionReview: {e}"),
+            )
+                .into_response();
+        }
+    };
+    if let Some(patch) = review.response.as_ref().and_then(|r| r.patch.as_ref())
+        && let Some(slot) = value.pointer_mut("/response/patch")
+    {
+        *slot = Value::String(base64::engine::general_purpose::STANDARD.encode(patch));
+    }
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        value.to_string(),
+    )
+        .into_response()
+}

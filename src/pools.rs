@@ -1,0 +1,125 @@
+//! `cape-static-ip pools`: a table of every IPPool with its size, used and free addresses and
+//! claims, computed the way the webhook computes them.
+
+use std::collections::HashMap;
+
+use kube::api::ListParams;
+use kube::{Api, Client, ResourceExt};
+
+use crate::cli::PoolsArgs;
+use crate::cluster::crd::{IPAddress, IPClaim, IPPool};
+use crate::cluster::index::pool_input;
+use crate::ipam::allocate::PoolState;
+use crate::ipam::pool::parse_pool;
+
+/// Prints the table.
+pub async fn run(args: PoolsArgs) -> anyhow::Result<()> {
+    let client = Client::try_default().await?;
+    let (pools, addresses, claims) = match &args.namespace {
+        Some(ns) => (
+            Api::<IPPool>::namespaced(client.clone(), ns)
+                .list(&ListParams::default())
+                .await?,
+            Api::<IPAddress>::namespaced(client.clone(), ns)
+                .list(&ListParams::default())
+                .await?,
+            Api::<IPClaim>::namespaced(client.clone(), ns)
+                .list(&ListParams::default())
+                .await?,
+        ),
+        None => (
+            Api::<IPPool>::all(client.clone())
+                .list(&ListParams::default())
+                .await?,
+            Api::<IPAddress>::all(client.clone())
+                .list(&ListParams::default())
+                .await?,
+            Api::<IPClaim>::all(client.clone())
+                .list(&ListParams::default())
+                .await?,
+        ),
+    };
+    let mut used: HashMap<(String, String), Vec<std::net::Ipv4Addr>> = HashMap::new();
+    for a in &addresses {
+        let ns = a.namespace().unwrap_or_default();
+        let pool_ns = a
+            .spec
+            .pool
+            .namespace
+            .clone()
+            .filter(|n| !n.is_empty())
+            .unwrap_or(ns);
+        if let (Some(pool), Ok(ip)) = (a.spec.pool.name.clone(), a.spec.address.parse()) {
+            used.entry((pool_ns, pool)).or_default().push(ip);
+        }
+    }
+    let mut claim_count: HashMap<(String, String), usize> = HashMap::new();
+    for c in &claims {
+        let ns = c.namespace().unwrap_or_default();
+        if let Some(pool) = c.spec.pool.name.clone() {
+            *claim_count.entry((ns, pool)).or_default() += 1;
+        }
+    }
+    println!("{}", render(&pools.items, &used, &claim_count));
+    Ok(())
+}
+
+/// The table as text.
+pub fn render(
+    pools: &[IPPool],
+    used: &HashMap<(String, String), Vec<std::net::Ipv4Addr>>,
+    claims: &HashMap<(String, String), usize>,
+) -> String {
+    let mut rows = vec![[
+        "NAMESPACE".to_string(),
+        "NAME".into(),
+        "SIZE".into(),
+        "USED".into(),
+        "FREE".into(),
+        "CLAIMS".into(),
+        "PROBLEM".into(),
+    ]];
+    for pool in pools {
+        let key = (pool.namespace().unwrap_or_default(), pool.name_any());
+        let claims = claims.get(&key).copied().unwrap_or(0).to_string();
+        match parse_pool(&pool_input(pool)) {
+            Ok(parsed) => {
+                let size = parsed.size();
+                let state = PoolState::new(parsed, used.get(&key).cloned().unwrap_or_default());
+                rows.push([
+                    key.0,
+                    key.1,
+                    size.to_string(),
+                    state.used().to_string(),
+                    state.free().to_string(),
+                    claims,
+                    String::new(),
+                ]);
+            }
+            Err(e) => rows.push([
+                key.0,
+                key.1,
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                claims,
+                e.to_string(),
+            ]),
+        }
+    }
+    let widths: Vec<usize> = (0..7)
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    rows.iter()
+        .map(|r| {
+            r.iter()
+                .enumerate()
+                .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+                .collect::<Vec<_>>()
+                .join("  ")
+                .trim_end()
+                .to_string()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}

@@ -1,0 +1,252 @@
+//! `cape-static-ip serve`: wires the caches, the webhook (TLS), the admin endpoint and the
+//! background loops together, and shuts them down in order on SIGTERM: not ready first, then
+//! stop accepting, then drain in-flight reviews.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use axum_server::Handle;
+use axum_server::tls_rustls::RustlsConfig;
+use kube::Client;
+use tokio::task::JoinSet;
+
+use crate::assign::Assigner;
+use crate::cli::{LogFormat, ServeArgs};
+use crate::cluster::cache::Caches;
+use crate::http::{AppState, admin_router, webhook_router};
+use crate::metrics::Metrics;
+use crate::sweeper::{Sweeper, SweeperOptions};
+use crate::tls::ReloadingCert;
+
+/// Everything [`start`] needs.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub tls_cert_file: PathBuf,
+    pub tls_key_file: PathBuf,
+    pub default_pool_namespace: String,
+    pub resync: Duration,
+    pub claim_grace: Duration,
+    pub cert_reload: Duration,
+    pub drain: Duration,
+    /// Run the release loop and the reconciler (tests of admission alone turn it off).
+    pub background: bool,
+}
+
+/// A running server.
+pub struct Running {
+    pub webhook_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub state: AppState,
+    webhook: Handle<SocketAddr>,
+    admin: Handle<SocketAddr>,
+    drain: Duration,
+    servers: JoinSet<std::io::Result<()>>,
+    tasks: JoinSet<()>,
+}
+
+/// Starts everything and returns once both endpoints listen (caches keep syncing).
+pub async fn start(client: Client, options: Options) -> anyhow::Result<Running> {
+    let Options {
+        listen,
+        admin_listen,
+        tls_cert_file,
+        tls_key_file,
+        default_pool_namespace,
+        resync,
+        claim_grace,
+        cert_reload,
+        drain,
+        background,
+    } = options;
+    let cert = ReloadingCert::new(tls_cert_file, tls_key_file)
+        .context("loading the serving certificate")?;
+    let metrics = Arc::new(Metrics::default());
+    let mut tasks = JoinSet::new();
+    let caches = Caches::start(&client, &mut tasks);
+    let assigner = Assigner {
+        client: client.clone(),
+        caches,
+        default_namespace: default_pool_namespace,
+    };
+    let state = AppState {
+        assigner: assigner.clone(),
+        metrics: metrics.clone(),
+        stopping: Arc::new(AtomicBool::new(false)),
+    };
+    {
+        let cert = cert.clone();
+        let metrics = metrics.clone();
+        tasks.spawn(async move {
+            if let Some(t) = cert.not_after() {
+                metrics.certificate_expiry.set(t);
+            }
+            let watch = cert.clone().watch(cert_reload);
+            let gauge = async {
+                loop {
+                    tokio::time::sleep(cert_reload).await;
+                    if let Some(t) = cert.not_after() {
+                        metrics.certificate_expiry.set(t);
+                    }
+                }
+            };
+            tokio::join!(watch, gauge);
+        });
+    }
+    if background {
+        let sweeper = Sweeper::new(
+            assigner.clone(),
+            metrics.clone(),
+            SweeperOptions {
+                resync,
+                claim_grace,
+            },
+        );
+        tasks.spawn(sweeper.run());
+    }
+
+    let mut servers = JoinSet::new();
+    let webhook = Handle::new();
+    let listener = std::net::TcpListener::bind(listen)
+        .with_context(|| format!("binding the webhook to {listen}"))?;
+    listener.set_nonblocking(true)?;
+    let webhook_addr = listener.local_addr()?;
+    let tls = RustlsConfig::from_config(Arc::new(cert.server_config()));
+    let server = axum_server::from_tcp_rustls(listener, tls)?.handle(webhook.clone());
+    let router = webhook_router(state.clone());
+    servers.spawn(async move { server.serve(router.into_make_service()).await });
+
+    let admin = Handle::new();
+    let listener = std::net::TcpListener::bind(admin_listen)
+        .with_context(|| format!("binding the admin endpoint to {admin_listen}"))?;
+    listener.set_nonblocking(true)?;
+    let admin_addr = listener.local_addr()?;
+    let server = axum_server::from_tcp(listener)?.handle(admin.clone());
+    let router = admin_router(state.clone());
+    servers.spawn(async move { server.serve(router.into_make_service()).await });
+
+    tracing::info!(%webhook_addr, %admin_addr, "listening");
+    Ok(Running {
+        webhook_addr,
+        admin_addr,
+        state,
+        webhook,
+        admin,
+        drain,
+        servers,
+        tasks,
+    })
+}
+
+impl Running {
+    /// Waits until the caches have synced.
+    pub async fn ready(&self) {
+        self.state.assigner.caches.wait_ready().await;
+    }
+
+    /// Not ready, stop accepting, drain in-flight reviews, stop the loops.
+    pub async fn shutdown(mut self) {
+        self.state.stopping.store(true, Ordering::Relaxed);
+        self.webhook.graceful_shutdown(Some(self.drain));
+        self.admin.graceful_shutdown(Some(Duration::from_secs(1)));
+        while let Some(r) = self.servers.join_next().await {
+            if let Ok(Err(e)) = r {
+                tracing::warn!(error = %e, "server stopped with an error");
+            }
+        }
+        self.tasks.shutdown().await;
+    }
+
+    /// Runs until one of the servers fails or `signal` resolves, then shuts down.
+    pub async fn run_until(mut self, signal: impl Future<Output = ()>) -> anyhow::Result<()> {
+        tokio::select! {
+            _ = signal => {
+                tracing::info!("shutting down: not ready, draining in-flight reviews");
+                self.shutdown().await;
+                Ok(())
+            }
+            Some(r) = self.servers.join_next() => {
+                let err = match r {
+                    Ok(Ok(())) => anyhow::anyhow!("a server stopped unexpectedly"),
+                    Ok(Err(e)) => anyhow::Error::from(e).context("server failed"),
+                    Err(e) => anyhow::Error::from(e).context("server task failed"),
+                };
+                self.shutdown().await;
+                Err(err)
+            }
+        }
+    }
+}
+
+/// Sets up logging once (later calls are ignored).
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,kube=warn,hyper=warn,rustls=warn")
+    });
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+/// `cape-static-ip serve`.
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let ServeArgs {
+        listen,
+        tls_cert_file,
+        tls_key_file,
+        admin_listen,
+        default_pool_namespace,
+        resync,
+        claim_grace,
+        cert_reload,
+        drain,
+        log_format,
+    } = args;
+    init_logging(log_format);
+    let client = Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (KUBECONFIG or in-cluster)")?;
+    let running = start(
+        client,
+        Options {
+            listen,
+            admin_listen,
+            tls_cert_file,
+            tls_key_file,
+            default_pool_namespace,
+            resync,
+            claim_grace,
+            cert_reload,
+            drain,
+            background: true,
+        },
+    )
+    .await?;
+    running.run_until(shutdown_signal()).await
+}

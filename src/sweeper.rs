@@ -1,0 +1,528 @@
+//! The background loops, run by every replica without leader election (every write is
+//! idempotent or guarded by a precondition):
+//! - release: a machine being deleted whose VM is gone (CAPE's finalizer removed) gets its
+//!   claims and addresses deleted, then our finalizer removed; retried with backoff;
+//! - reconcile: a machine that needs an address but was admitted without us (webhook down
+//!   with `failurePolicy: Ignore`, created before installation, network changed later) is
+//!   allocated by the same code as admission and patched with an optimistic lock;
+//! - adopt: claims of existing machines record the machine's uid and our labels;
+//! - sweep: claims whose machine never came to exist are released after a grace period, and
+//!   claims of devices that were removed are released;
+//! - pool status: `IPPool.status.indexes` is kept equal to the addresses, in batches.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use json_patch::{Patch, PatchOperation, RemoveOperation, TestOperation};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch as KubePatch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
+use kube::{Api, ResourceExt};
+use serde_json::json;
+
+use crate::assign::{Assigner, MachineView, needs_address, owner_labels};
+use crate::cluster::crd::{ElfMachine, IPClaim, IPPool};
+use crate::cluster::writer;
+use crate::contract::*;
+use crate::metrics::{Metrics, PoolLabels};
+use crate::patch::{self, Extras};
+
+/// Timing of the loops.
+#[derive(Debug, Clone, Copy)]
+pub struct SweeperOptions {
+    pub resync: Duration,
+    pub claim_grace: Duration,
+}
+
+/// Why one pass over a machine failed (it is retried with backoff).
+#[derive(Debug, thiserror::Error)]
+pub enum SweepError {
+    #[error("{action}: {source}")]
+    Api {
+        action: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("{0}")]
+    Assign(#[from] crate::assign::AssignError),
+}
+
+fn api(action: impl Into<String>) -> impl FnOnce(kube::Error) -> SweepError {
+    let action = action.into();
+    move |source| SweepError::Api { action, source }
+}
+
+/// The background loops.
+pub struct Sweeper {
+    assigner: Assigner,
+    metrics: Arc<Metrics>,
+    options: SweeperOptions,
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Sweeper {
+    pub fn new(assigner: Assigner, metrics: Arc<Metrics>, options: SweeperOptions) -> Self {
+        Sweeper {
+            assigner,
+            metrics,
+            options,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Runs every loop until the task is dropped.
+    pub async fn run(self) {
+        let api: Api<ElfMachine> = Api::all(self.assigner.client.clone());
+        let controller = Controller::new(api, watcher::Config::default().any_semantic());
+        let machines = controller.store();
+        let this = Arc::new(self);
+        this.assigner.caches.wait_ready().await;
+        let periodic = {
+            let this = this.clone();
+            let machines = machines.clone();
+            async move {
+                let period = (this.options.claim_grace / 2).clamp(
+                    Duration::from_secs(1),
+                    this.options.resync.max(Duration::from_secs(1)),
+                );
+                let mut tick = tokio::time::interval(period);
+                loop {
+                    tick.tick().await;
+                    if machines.wait_until_ready().await.is_err() {
+                        return;
+                    }
+                    this.sweep_claims(&machines).await;
+                    this.update_pool_status().await;
+                }
+            }
+        };
+        let reconciler = controller
+            .run(
+                |machine, ctx: Arc<Sweeper>| async move { ctx.reconcile(machine).await },
+                |machine, error, ctx: Arc<Sweeper>| ctx.retry(&machine, error),
+                this.clone(),
+            )
+            .for_each(|_| async {});
+        tokio::join!(reconciler, periodic);
+    }
+
+    fn retry(&self, machine: &ElfMachine, error: &SweepError) -> Action {
+        let key = machine_key(
+            &machine.namespace().unwrap_or_default(),
+            &machine.name_any(),
+        );
+        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let n = failures.entry(key.clone()).or_insert(0);
+        *n = n.saturating_add(1);
+        let delay = Duration::from_millis(250u64.saturating_mul(1 << (*n).min(8)))
+            .min(Duration::from_secs(60));
+        tracing::warn!(machine = %key, error = %error, retry_in = ?delay, "machine not reconciled");
+        Action::requeue(delay)
+    }
+
+    async fn reconcile(&self, machine: Arc<ElfMachine>) -> Result<Action, SweepError> {
+        let ns = machine.namespace().unwrap_or_default();
+        let name = machine.name_any();
+        let finalizers = machine.finalizers();
+        if machine.metadata.deletion_timestamp.is_some() {
+            if finalizers.iter().any(|f| f == STATIC_IP_FINALIZER)
+                && !finalizers.iter().any(|f| f == CAPE_FINALIZER)
+            {
+                self.release_machine(&machine).await?;
+            }
+        } else {
+            self.fill_missing(&machine).await?;
+        }
+        self.failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&machine_key(&ns, &name));
+        Ok(Action::requeue(self.options.resync))
+    }
+
+    /// The claims that belong to a machine: ours (annotation) and the Go controller's (name).
+    fn claims_of(&self, namespace: &str, name: &str, devices: usize) -> Vec<Arc<IPClaim>> {
+        let key = machine_key(namespace, name);
+        let go_names: HashSet<String> = (0..devices.max(1) + 8)
+            .map(|i| claim_name(namespace, name, i))
+            .collect();
+        self.assigner
+            .caches
+            .claims
+            .state()
+            .into_iter()
+            .filter(|c| match c.annotations().get(ANNOTATION_MACHINE) {
+                Some(owner) => *owner == key,
+                None => go_names.contains(&c.name_any()),
+            })
+            .collect()
+    }
+
+    /// Deletes a machine's claims and addresses, then removes our finalizer.
+    async fn release_machine(&self, machine: &ElfMachine) -> Result<(), SweepError> {
+        let ns = machine.namespace().unwrap_or_default();
+        let name = machine.name_any();
+        let devices = machine.spec.network.devices.len();
+        let mut claims = self.claims_of(&ns, &name, devices);
+        // The cache may lag behind a claim written an instant ago: read live by name too.
+        for i in 0..devices {
+            let claim = claim_name(&ns, &name, i);
+            for pool_ns in self.claim_namespaces(&ns) {
+                if claims
+                    .iter()
+                    .any(|c| c.name_any() == claim && c.namespace().as_deref() == Some(&pool_ns))
+                {
+                    continue;
+                }
+                if let Some(c) = writer::get_claim(&self.assigner.client, &pool_ns, &claim)
+                    .await
+                    .map_err(api(format!("reading IPClaim {pool_ns}/{claim}")))?
+                    && c.annotations()
+                        .get(ANNOTATION_MACHINE)
+                        .is_none_or(|o| *o == machine_key(&ns, &name))
+                {
+                    claims.push(Arc::new(c));
+                }
+            }
+        }
+        for claim in &claims {
+            self.release_claim(claim).await?;
+        }
+        remove_finalizer(&self.assigner.client, machine).await?;
+        tracing::info!(machine = %machine_key(&ns, &name), claims = claims.len(), "released");
+        Ok(())
+    }
+
+    /// Namespaces where a machine's claims may live: every namespace that has a pool.
+    fn claim_namespaces(&self, machine_ns: &str) -> Vec<String> {
+        let mut set: Vec<String> = self
+            .assigner
+            .caches
+            .index
+            .pool_metas()
+            .iter()
+            .map(|m| m.key.namespace.clone())
+            .collect();
+        set.push(machine_ns.to_string());
+        set.sort();
+        set.dedup();
+        set
+    }
+
+    /// Deletes one claim and every address that names it.
+    async fn release_claim(&self, claim: &IPClaim) -> Result<(), SweepError> {
+        let ns = claim.namespace().unwrap_or_default();
+        let name = claim.name_any();
+        let pool = claim.spec.pool.name.clone().unwrap_or_default();
+        let mut addresses: Vec<String> = self
+            .assigner
+            .caches
+            .index
+            .addresses_of_claim(&ns, &name)
+            .into_iter()
+            .map(|a| a.name)
+            .collect();
+        if let Some(a) = claim
+            .status
+            .as_ref()
+            .and_then(|s| s.address.as_ref())
+            .and_then(|a| a.name.clone())
+            && !addresses.contains(&a)
+        {
+            addresses.push(a);
+        }
+        for address in &addresses {
+            writer::delete_address(&self.assigner.client, &ns, address, None)
+                .await
+                .map_err(api(format!("deleting IPAddress {ns}/{address}")))?;
+        }
+        writer::delete_claim(&self.assigner.client, &ns, &name, claim.uid().as_deref())
+            .await
+            .or_else(|e| match &e {
+                // The precondition failed: the claim was replaced meanwhile; leave the new one.
+                kube::Error::Api(s) if s.code == 409 => Ok(false),
+                _ => Err(e),
+            })
+            .map_err(api(format!("deleting IPClaim {ns}/{name}")))?;
+        self.metrics
+            .releases
+            .get_or_create(&PoolLabels {
+                pool: format!("{ns}/{pool}"),
+                result: "released".into(),
+            })
+            .inc();
+        Ok(())
+    }
+
+    /// Allocates for devices that need an address and patches the machine; records the
+    /// machine's uid on its claims.
+    async fn fill_missing(&self, machine: &ElfMachine) -> Result<(), SweepError> {
+        let ns = machine.namespace().unwrap_or_default();
+        let name = machine.name_any();
+        let uid = machine.uid();
+        self.adopt_claims(machine).await?;
+        if !machine.spec.network.devices.iter().any(needs_address) {
+            return Ok(());
+        }
+        let empty = BTreeMap::new();
+        let view = MachineView {
+            namespace: &ns,
+            name: &name,
+            uid: uid.as_deref(),
+            labels: machine.metadata.labels.as_ref().unwrap_or(&empty),
+            annotations: machine.metadata.annotations.as_ref().unwrap_or(&empty),
+            devices: &machine.spec.network.devices,
+        };
+        let leases = self.assigner.assign(&view, false).await?;
+        // Patch against the live object, guarded by its resourceVersion.
+        let raw_api: Api<kube::core::DynamicObject> = Api::namespaced_with(
+            self.assigner.client.clone(),
+            &ns,
+            &kube::discovery::ApiResource::erase::<ElfMachine>(&()),
+        );
+        let Some(live) = raw_api.get_opt(&name).await.map_err(api_err(&ns, &name))? else {
+            return Ok(());
+        };
+        let value = serde_json::to_value(&live).unwrap_or_default();
+        let extras = Extras {
+            name: None,
+            finalizer: true,
+            device_nameservers: self.assigner.caches.schema.device_nameservers(),
+        };
+        let mut ops = vec![PatchOperation::Test(TestOperation {
+            path: "/metadata/resourceVersion".parse().expect("valid pointer"),
+            value: json!(live.resource_version()),
+        })];
+        ops.extend(patch::build(&value, &leases, &extras).0);
+        Api::<ElfMachine>::namespaced(self.assigner.client.clone(), &ns)
+            .patch(
+                &name,
+                &PatchParams::default(),
+                &KubePatch::Json::<()>(Patch(ops)),
+            )
+            .await
+            .map_err(api_err(&ns, &name))?;
+        tracing::info!(machine = %machine_key(&ns, &name), devices = leases.len(), "addresses assigned outside admission");
+        Ok(())
+    }
+
+    /// Records the machine's uid and our labels on the claims of an existing machine.
+    async fn adopt_claims(&self, machine: &ElfMachine) -> Result<(), SweepError> {
+        let ns = machine.namespace().unwrap_or_default();
+        let name = machine.name_any();
+        let Some(uid) = machine.uid() else {
+            return Ok(());
+        };
+        for claim in self.claims_of(&ns, &name, machine.spec.network.devices.len()) {
+            let recorded = claim.annotations().get(ANNOTATION_MACHINE_UID);
+            if recorded.is_some_and(|u| *u == uid) {
+                continue;
+            }
+            if recorded.is_some() {
+                // Bound to an earlier machine of the same name: never reused; the sweep releases it.
+                continue;
+            }
+            let claim_ns = claim.namespace().unwrap_or_default();
+            let device = claim
+                .name_any()
+                .strip_prefix(&format!("{ns}-{name}-"))
+                .and_then(|i| i.parse::<usize>().ok());
+            let mut annotations = BTreeMap::from([
+                (ANNOTATION_MACHINE.to_string(), machine_key(&ns, &name)),
+                (ANNOTATION_MACHINE_UID.to_string(), uid.clone()),
+            ]);
+            if let Some(d) = device {
+                annotations.insert(ANNOTATION_DEVICE.to_string(), d.to_string());
+            }
+            let patch = json!({"metadata": {
+                "labels": owner_labels(&ns, &name),
+                "annotations": annotations,
+            }});
+            Api::<IPClaim>::namespaced(self.assigner.client.clone(), &claim_ns)
+                .patch(
+                    &claim.name_any(),
+                    &PatchParams::default(),
+                    &KubePatch::Merge(&patch),
+                )
+                .await
+                .map_err(api(format!(
+                    "recording the machine on IPClaim {claim_ns}/{}",
+                    claim.name_any()
+                )))?;
+        }
+        Ok(())
+    }
+
+    /// Releases claims whose machine does not exist (after the grace period), claims bound to
+    /// an earlier machine of the same name, and claims of removed devices.
+    async fn sweep_claims(&self, machines: &Store<ElfMachine>) {
+        let now = Timestamp::now();
+        // Claims first, machines second: a machine created after this read is seen below.
+        let claims = self.assigner.caches.claims.state();
+        for claim in claims {
+            let Some(owner) = claim.annotations().get(ANNOTATION_MACHINE).cloned() else {
+                continue;
+            };
+            if claim.metadata.deletion_timestamp.is_some() {
+                continue;
+            }
+            let Some((mns, mname)) = owner.split_once('/') else {
+                continue;
+            };
+            let machine = machines.get(&ObjectRef::new(mname).within(mns));
+            let stale = match &machine {
+                None => {
+                    let age = claim
+                        .creation_timestamp()
+                        .map(|t| now.duration_since(t.0).as_secs_f64())
+                        .unwrap_or(0.0);
+                    age > self.options.claim_grace.as_secs_f64()
+                }
+                Some(m) => self.claim_is_stale(&claim, m),
+            };
+            if !stale {
+                continue;
+            }
+            // Re-check with a live read before deleting anything.
+            let live = Api::<ElfMachine>::namespaced(self.assigner.client.clone(), mns)
+                .get_opt(mname)
+                .await;
+            let still_stale = match live {
+                Ok(None) => true,
+                Ok(Some(m)) => self.claim_is_stale(&claim, &m),
+                Err(e) => {
+                    tracing::warn!(error = %e, machine = %owner, "could not read machine; claim kept");
+                    false
+                }
+            };
+            if still_stale {
+                match self.release_claim(&claim).await {
+                    Ok(()) => {
+                        tracing::info!(claim = %format!("{}/{}", claim.namespace().unwrap_or_default(), claim.name_any()), machine = %owner, "released a claim whose machine is gone")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "could not release claim"),
+                }
+            }
+        }
+    }
+
+    /// Whether an existing machine no longer owns this claim: bound to another uid, or its
+    /// device was removed or no longer takes a static address.
+    fn claim_is_stale(&self, claim: &IPClaim, machine: &ElfMachine) -> bool {
+        if let (Some(bound), Some(uid)) = (
+            claim.annotations().get(ANNOTATION_MACHINE_UID),
+            machine.uid(),
+        ) && *bound != uid
+        {
+            return true;
+        }
+        let Some(device) = claim
+            .annotations()
+            .get(ANNOTATION_DEVICE)
+            .and_then(|d| d.parse::<usize>().ok())
+        else {
+            return false;
+        };
+        match machine.spec.network.devices.get(device) {
+            None => machine.metadata.deletion_timestamp.is_none(),
+            Some(d) => d.network_type != NETWORK_TYPE_STATIC,
+        }
+    }
+
+    /// Writes `status.indexes` (claim → address) of every pool whose status differs from
+    /// the IPAddresses that exist.
+    async fn update_pool_status(&self) {
+        let mut wanted: HashMap<(String, String), BTreeMap<String, String>> = HashMap::new();
+        for a in self.assigner.caches.addresses.state() {
+            let ns = a.namespace().unwrap_or_default();
+            let pool_ns = a
+                .spec
+                .pool
+                .namespace
+                .clone()
+                .filter(|n| !n.is_empty())
+                .unwrap_or(ns);
+            let (Some(pool), Some(claim)) = (a.spec.pool.name.clone(), a.spec.claim.name.clone())
+            else {
+                continue;
+            };
+            wanted
+                .entry((pool_ns, pool))
+                .or_default()
+                .insert(claim, a.spec.address.clone());
+        }
+        for pool in self.assigner.caches.pools.state() {
+            let key = (pool.namespace().unwrap_or_default(), pool.name_any());
+            let want = wanted.remove(&key).unwrap_or_default();
+            let have = pool
+                .status
+                .as_ref()
+                .map(|s| s.indexes.clone())
+                .unwrap_or_default();
+            if want == have {
+                continue;
+            }
+            // A merge patch must null out keys that went away.
+            let mut indexes = serde_json::Map::new();
+            for k in have.keys().filter(|k| !want.contains_key(*k)) {
+                indexes.insert(k.clone(), serde_json::Value::Null);
+            }
+            for (k, v) in &want {
+                indexes.insert(k.clone(), json!(v));
+            }
+            let patch = json!({"status": {"indexes": indexes, "lastUpdated": Timestamp::now().to_string()}});
+            if let Err(e) = Api::<IPPool>::namespaced(self.assigner.client.clone(), &key.0)
+                .patch_status(&key.1, &PatchParams::default(), &KubePatch::Merge(&patch))
+                .await
+            {
+                tracing::warn!(pool = %format!("{}/{}", key.0, key.1), error = %e, "could not update pool status");
+            }
+        }
+    }
+}
+
+fn api_err(ns: &str, name: &str) -> impl FnOnce(kube::Error) -> SweepError {
+    api(format!("patching ElfMachine {ns}/{name}"))
+}
+
+/// Removes our finalizer, guarded by a test of the finalizer at that index.
+async fn remove_finalizer(client: &kube::Client, machine: &ElfMachine) -> Result<(), SweepError> {
+    let ns = machine.namespace().unwrap_or_default();
+    let name = machine.name_any();
+    let Some(at) = machine
+        .finalizers()
+        .iter()
+        .position(|f| f == STATIC_IP_FINALIZER)
+    else {
+        return Ok(());
+    };
+    let path = format!("/metadata/finalizers/{at}");
+    let patch = Patch(vec![
+        PatchOperation::Test(TestOperation {
+            path: path.parse().expect("valid pointer"),
+            value: json!(STATIC_IP_FINALIZER),
+        }),
+        PatchOperation::Remove(RemoveOperation {
+            path: path.parse().expect("valid pointer"),
+        }),
+    ]);
+    match Api::<ElfMachine>::namespaced(client.clone(), &ns)
+        .patch(
+            &name,
+            &PatchParams::default(),
+            &KubePatch::Json::<()>(patch),
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(SweepError::Api {
+            action: format!("removing our finalizer from ElfMachine {ns}/{name}"),
+            source: e,
+        }),
+    }
+}

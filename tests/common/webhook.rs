@@ -1,0 +1,303 @@
+//! Runs the webhook in-process over TLS and registers it with the apiserver for one test
+//! namespace, exactly as production registers it (by URL instead of Service).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use cape_static_ip::serve::{self, Options, Running};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations, WebhookClientConfig,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::api::{DeleteParams, PostParams};
+use kube::{Api, Client};
+use serde_json::{Value, json};
+
+/// A webhook process (in this test binary) registered for one namespace.
+pub struct Webhook {
+    pub running: Running,
+    pub config: String,
+    pub ca_pem: String,
+    pub certs_dir: std::path::PathBuf,
+    client: Client,
+}
+
+/// Options for [`start`].
+#[derive(Clone, Debug)]
+pub struct WebhookOptions {
+    pub background: bool,
+    pub claim_grace: Duration,
+    pub resync: Duration,
+    pub default_pool_namespace: String,
+    pub failure_policy: &'static str,
+}
+
+impl Default for WebhookOptions {
+    fn default() -> Self {
+        WebhookOptions {
+            background: true,
+            claim_grace: Duration::from_secs(120),
+            resync: Duration::from_secs(300),
+            default_pool_namespace: "cape-system".into(),
+            failure_policy: "Fail",
+        }
+    }
+}
+
+/// Writes dev certificates for 127.0.0.1 into a fresh temporary directory.
+pub fn dev_certs(tag: &str) -> (std::path::PathBuf, String) {
+    let dir = std::env::temp_dir().join(format!(
+        "cape-static-ip-certs-{tag}-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    let certs = cape_static_ip::certs::generate(&["127.0.0.1".into(), "localhost".into()], 30)
+        .expect("certs");
+    cape_static_ip::certs::write(&dir, &certs).expect("write certs");
+    (dir, certs.ca_cert)
+}
+
+/// Starts a webhook with `client`'s credentials and registers it for `namespace`.
+pub async fn start(client: &Client, namespace: &str, options: WebhookOptions) -> Webhook {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let (dir, ca_pem) = dev_certs(namespace);
+    let running = serve::start(
+        client.clone(),
+        Options {
+            listen: "127.0.0.1:0".parse::<SocketAddr>().unwrap(),
+            admin_listen: "127.0.0.1:0".parse().unwrap(),
+            tls_cert_file: dir.join("tls.crt"),
+            tls_key_file: dir.join("tls.key"),
+            default_pool_namespace: options.default_pool_namespace.clone(),
+            resync: options.resync,
+            claim_grace: options.claim_grace,
+            cert_reload: Duration::from_millis(200),
+            drain: Duration::from_secs(5),
+            background: options.background,
+        },
+    )
+    .await
+    .expect("webhook starts");
+    running.ready().await;
+    let config = format!("cape-static-ip-test-{namespace}");
+    register(
+        client,
+        &config,
+        running.webhook_addr,
+        &ca_pem,
+        namespace,
+        options.failure_policy,
+    )
+    .await;
+    wait_until_called(client, namespace).await;
+    Webhook {
+        running,
+        config,
+        ca_pem,
+        certs_dir: dir,
+        client: client.clone(),
+    }
+}
+
+/// Registers a MutatingWebhookConfiguration for `namespace` pointing at `addr`.
+pub async fn register(
+    client: &Client,
+    name: &str,
+    addr: SocketAddr,
+    ca_pem: &str,
+    namespace: &str,
+    failure_policy: &str,
+) {
+    let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let _ = api.delete(name, &DeleteParams::default()).await;
+    let config = MutatingWebhookConfiguration {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        webhooks: Some(vec![MutatingWebhook {
+            name: "elfmachines.static-ip.infrastructure.cluster.x-k8s.io".into(),
+            admission_review_versions: vec!["v1".into()],
+            client_config: WebhookClientConfig {
+                url: Some(format!("https://{addr}/mutate-elfmachine")),
+                ca_bundle: Some(ByteString(ca_pem.as_bytes().to_vec())),
+                service: None,
+            },
+            rules: Some(vec![RuleWithOperations {
+                api_groups: Some(vec!["infrastructure.cluster.x-k8s.io".into()]),
+                api_versions: Some(vec!["*".into()]),
+                operations: Some(vec!["CREATE".into(), "UPDATE".into()]),
+                resources: Some(vec!["elfmachines".into()]),
+                scope: Some("Namespaced".into()),
+            }]),
+            failure_policy: Some(failure_policy.into()),
+            side_effects: "NoneOnDryRun".into(),
+            timeout_seconds: Some(10),
+            match_policy: Some("Equivalent".into()),
+            namespace_selector: Some(LabelSelector {
+                match_labels: Some(BTreeMap::from([(
+                    "kubernetes.io/metadata.name".to_string(),
+                    namespace.to_string(),
+                )])),
+                ..Default::default()
+            }),
+            reinvocation_policy: Some("IfNeeded".into()),
+            ..Default::default()
+        }]),
+    };
+    api.create(&PostParams::default(), &config)
+        .await
+        .expect("register webhook");
+}
+
+/// Waits until the apiserver calls the webhook for `namespace` (its configuration is
+/// picked up asynchronously): a dry-run create that only our webhook would deny.
+async fn wait_until_called(client: &Client, namespace: &str) {
+    let api = machines(client, namespace);
+    let probe = json!({
+        "apiVersion": "infrastructure.cluster.x-k8s.io/v1beta1",
+        "kind": "ElfMachine",
+        "metadata": {"name": "webhook-probe", "namespace": namespace,
+                     "labels": {"cluster.x-k8s.io/ip-pool-name": "no-such-pool-probe"}},
+        "spec": {"network": {"devices": [{"networkType": "IPV4"}]}}
+    });
+    let obj: kube::core::DynamicObject = serde_json::from_value(probe).unwrap();
+    let pp = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    for _ in 0..200 {
+        if let Err(kube::Error::Api(s)) = api.create(&pp, &obj).await
+            && s.message.contains("no-such-pool-probe")
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the apiserver never called the webhook for namespace {namespace}");
+}
+
+impl Webhook {
+    /// Unregisters and stops.
+    pub async fn stop(self) {
+        let api: Api<MutatingWebhookConfiguration> = Api::all(self.client.clone());
+        let _ = api.delete(&self.config, &DeleteParams::default()).await;
+        self.running.shutdown().await;
+        let _ = std::fs::remove_dir_all(&self.certs_dir);
+    }
+}
+
+/// A dynamic API for ElfMachines in `namespace`.
+pub fn machines(client: &Client, namespace: &str) -> Api<kube::core::DynamicObject> {
+    Api::namespaced_with(
+        client.clone(),
+        namespace,
+        &resource(
+            "infrastructure.cluster.x-k8s.io",
+            "v1beta1",
+            "ElfMachine",
+            "elfmachines",
+        ),
+    )
+}
+
+/// A dynamic API for any namespaced kind.
+pub fn dynamic(
+    client: &Client,
+    namespace: &str,
+    group: &str,
+    version: &str,
+    kind: &str,
+    plural: &str,
+) -> Api<kube::core::DynamicObject> {
+    Api::namespaced_with(
+        client.clone(),
+        namespace,
+        &resource(group, version, kind, plural),
+    )
+}
+
+fn resource(group: &str, version: &str, kind: &str, plural: &str) -> kube::discovery::ApiResource {
+    kube::discovery::ApiResource {
+        group: group.into(),
+        version: version.into(),
+        api_version: format!("{group}/{version}"),
+        kind: kind.into(),
+        plural: plural.into(),
+    }
+}
+
+/// Creates any object given as JSON in `namespace`.
+pub async fn create(
+    client: &Client,
+    namespace: &str,
+    object: Value,
+) -> Result<kube::core::DynamicObject, kube::Error> {
+    let api_version = object["apiVersion"].as_str().unwrap().to_string();
+    let kind = object["kind"].as_str().unwrap().to_string();
+    let (group, version) = api_version.split_once('/').unwrap_or(("", &api_version));
+    let plural = format!("{}s", kind.to_lowercase()).replace("ipaddresss", "ipaddresses");
+    let api = dynamic(client, namespace, group, version, &kind, &plural);
+    let obj: kube::core::DynamicObject = serde_json::from_value(object).unwrap();
+    api.create(&PostParams::default(), &obj).await
+}
+
+/// An IPPool.
+pub fn pool(name: &str, spec: Value, labels: Value) -> Value {
+    json!({
+        "apiVersion": "ipam.metal3.io/v1alpha1",
+        "kind": "IPPool",
+        "metadata": {"name": name, "labels": labels},
+        "spec": spec,
+    })
+}
+
+/// An ElfMachineTemplate with pool-selection labels.
+pub fn template(name: &str, labels: Value) -> Value {
+    json!({
+        "apiVersion": "infrastructure.cluster.x-k8s.io/v1beta1",
+        "kind": "ElfMachineTemplate",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {"template": {"spec": {"template": "vm-template", "network": {"devices": [{"networkType": "IPV4", "vlan": "vlan-1"}]}}}}
+    })
+}
+
+/// An ElfMachine exactly as a CAPI MachineSet creates it: explicit name, cluster-name label,
+/// cloned-from annotations, a non-controller ownerRef to the MachineSet, no uid.
+pub fn capi_machine(name: &str, template: &str, devices: Value) -> Value {
+    json!({
+        "apiVersion": "infrastructure.cluster.x-k8s.io/v1beta1",
+        "kind": "ElfMachine",
+        "metadata": {
+            "name": name,
+            "labels": {
+                "cluster.x-k8s.io/cluster-name": "demo",
+                "cluster.x-k8s.io/deployment-name": "demo-md-0",
+                "cluster.x-k8s.io/set-name": "demo-md-0-8f7qk"
+            },
+            "annotations": {
+                "cluster.x-k8s.io/cloned-from-name": template,
+                "cluster.x-k8s.io/cloned-from-groupkind": "ElfMachineTemplate.infrastructure.cluster.x-k8s.io"
+            },
+            "ownerReferences": [{
+                "apiVersion": "cluster.x-k8s.io/v1beta2",
+                "kind": "MachineSet",
+                "name": "demo-md-0-8f7qk",
+                "uid": "0b7c1c52-2d7e-4d5b-9a53-0e8f3c1d2a77"
+            }]
+        },
+        "spec": {
+            "osType": "LINUX",
+            "template": "vm-template",
+            "ha": true,
+            "cloneMode": "FastClone",
+            "numCPUS": 4,
+            "numCoresPerSocket": 4,
+            "memoryMiB": 6144,
+            "diskGiB": 0,
+            "network": {"nameservers": [], "devices": devices}
+        }
+    })
+}
