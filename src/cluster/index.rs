@@ -14,9 +14,12 @@ use crate::ipam::allocate::PoolState;
 use crate::ipam::pool::{Pool, PoolInput, RangeInput, parse_pool};
 use crate::ipam::select::{PoolKey, PoolMeta};
 
+/// (namespace, name) of an object.
+type ObjectId = (String, String);
+
 /// What the index knows of one pool.
 enum Slot {
-    Valid(PoolState),
+    Valid(Box<PoolState>),
     /// The pool's spec does not parse; the message names the field to fix.
     Invalid(String),
 }
@@ -26,7 +29,7 @@ struct Inner {
     pools: HashMap<PoolKey, Slot>,
     metas: Arc<Vec<PoolMeta>>,
     /// IPAddress object (namespace, name) → the pool, address and claim it holds.
-    objects: HashMap<(String, String), (PoolKey, Ipv4Addr, (String, String))>,
+    objects: HashMap<ObjectId, (PoolKey, Ipv4Addr, ObjectId)>,
     /// How many IPAddress objects hold each address of each pool.
     holders: HashMap<PoolKey, HashMap<Ipv4Addr, usize>>,
     /// Claim (namespace, name) → the IPAddress objects naming it in `spec.claim`.
@@ -184,7 +187,7 @@ impl Inner {
                         .map(|h| h.keys().copied().collect())
                         .unwrap_or_default();
                     self.pools
-                        .insert(key, Slot::Valid(PoolState::new(parsed, known)));
+                        .insert(key, Slot::Valid(Box::new(PoolState::new(parsed, known))));
                 }
             },
             Err(e) => {
