@@ -49,7 +49,7 @@ cleanup() {
 trap cleanup INT TERM EXIT
 
 "$BIN" serve --listen "$LISTEN" --admin-listen "$ADMIN" \
-  --tls-cert-file certs/tls.crt --tls-key-file certs/tls.key &
+  --tls-cert-file certs/tls.crt --tls-key-file certs/tls.key --shutdown-delay 0s &
 pid=$!
 for _ in $(seq 1 100); do
   curl -fsS "http://$ADMIN/readyz" >/dev/null 2>&1 && break

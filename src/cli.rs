@@ -80,6 +80,10 @@ pub struct ServeArgs {
     /// How long in-flight reviews may take to finish at shutdown.
     #[arg(long, env = "CAPE_STATIC_IP_DRAIN", default_value = "20s", value_parser = humantime::parse_duration)]
     pub drain: Duration,
+    /// How long to keep answering (while not ready) after SIGTERM before closing the
+    /// listener, so the apiserver stops calling this replica first.
+    #[arg(long, env = "CAPE_STATIC_IP_SHUTDOWN_DELAY", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub shutdown_delay: Duration,
     /// Log format.
     #[arg(
         long,

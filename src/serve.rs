@@ -34,6 +34,9 @@ pub struct Options {
     pub claim_grace: Duration,
     pub cert_reload: Duration,
     pub drain: Duration,
+    /// How long to keep serving (not ready) after a shutdown signal, so that the apiserver
+    /// stops sending reviews before the listener closes.
+    pub shutdown_delay: Duration,
     /// Run the release loop and the reconciler (tests of admission alone turn it off).
     pub background: bool,
 }
@@ -46,6 +49,7 @@ pub struct Running {
     webhook: Handle<SocketAddr>,
     admin: Handle<SocketAddr>,
     drain: Duration,
+    shutdown_delay: Duration,
     servers: JoinSet<std::io::Result<()>>,
     tasks: JoinSet<()>,
 }
@@ -62,6 +66,7 @@ pub async fn start(client: Client, options: Options) -> anyhow::Result<Running> 
         claim_grace,
         cert_reload,
         drain,
+        shutdown_delay,
         background,
     } = options;
     let cert = ReloadingCert::new(tls_cert_file, tls_key_file)
@@ -138,6 +143,7 @@ pub async fn start(client: Client, options: Options) -> anyhow::Result<Running> 
         webhook,
         admin,
         drain,
+        shutdown_delay,
         servers,
         tasks,
     })
@@ -166,7 +172,9 @@ impl Running {
     pub async fn run_until(mut self, signal: impl Future<Output = ()>) -> anyhow::Result<()> {
         tokio::select! {
             _ = signal => {
-                tracing::info!("shutting down: not ready, draining in-flight reviews");
+                tracing::info!(delay = ?self.shutdown_delay, "shutting down: not ready, then draining in-flight reviews");
+                self.state.stopping.store(true, Ordering::Relaxed);
+                tokio::time::sleep(self.shutdown_delay).await;
                 self.shutdown().await;
                 Ok(())
             }
@@ -226,6 +234,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         claim_grace,
         cert_reload,
         drain,
+        shutdown_delay,
         log_format,
     } = args;
     init_logging(log_format);
@@ -244,6 +253,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             claim_grace,
             cert_reload,
             drain,
+            shutdown_delay,
             background: true,
         },
     )

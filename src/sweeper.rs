@@ -25,7 +25,7 @@ use kube::{Api, ResourceExt};
 use serde_json::json;
 
 use crate::assign::{Assigner, MachineView, needs_address, owner_labels};
-use crate::cluster::crd::{ElfMachine, IPClaim, IPPool};
+use crate::cluster::crd::{ElfMachine, IPAddress, IPClaim, IPPool};
 use crate::cluster::writer;
 use crate::contract::*;
 use crate::metrics::{Metrics, PoolLabels};
@@ -96,6 +96,7 @@ impl Sweeper {
                         return;
                     }
                     this.sweep_claims(&machines).await;
+                    this.sweep_addresses().await;
                     this.update_pool_status().await;
                 }
             }
@@ -235,19 +236,39 @@ impl Sweeper {
         {
             addresses.push(a);
         }
+        // The claim first: metal3's controller, when it runs, must not see a live claim
+        // without an address (it would allocate a new one).
+        let client = &self.assigner.client;
+        match writer::delete_claim(client, &ns, &name, claim.uid().as_deref()).await {
+            Ok(_) => {}
+            // The precondition failed: the claim was replaced meanwhile; leave the new one
+            // and its address alone.
+            Err(kube::Error::Api(s)) if s.code == 409 => return Ok(()),
+            Err(e) => return Err(api(format!("deleting IPClaim {ns}/{name}"))(e)),
+        }
         for address in &addresses {
-            writer::delete_address(&self.assigner.client, &ns, address, None)
+            writer::delete_address(client, &ns, address, None)
                 .await
                 .map_err(api(format!("deleting IPAddress {ns}/{address}")))?;
-        }
-        writer::delete_claim(&self.assigner.client, &ns, &name, claim.uid().as_deref())
+            writer::drop_finalizers(
+                &Api::<IPAddress>::namespaced(client.clone(), &ns),
+                address,
+                &[METAL3_ADDRESS_FINALIZER],
+            )
             .await
-            .or_else(|e| match &e {
-                // The precondition failed: the claim was replaced meanwhile; leave the new one.
-                kube::Error::Api(s) if s.code == 409 => Ok(false),
-                _ => Err(e),
-            })
-            .map_err(api(format!("deleting IPClaim {ns}/{name}")))?;
+            .map_err(api(format!(
+                "removing metal3's finalizer from IPAddress {ns}/{address}"
+            )))?;
+        }
+        writer::drop_finalizers(
+            &Api::<IPClaim>::namespaced(client.clone(), &ns),
+            &name,
+            &[METAL3_CLAIM_FINALIZER],
+        )
+        .await
+        .map_err(api(format!(
+            "removing metal3's finalizer from IPClaim {ns}/{name}"
+        )))?;
         self.metrics
             .releases
             .get_or_create(&PoolLabels {
@@ -406,6 +427,66 @@ impl Sweeper {
                     }
                     Err(e) => tracing::warn!(error = %e, "could not release claim"),
                 }
+            }
+        }
+    }
+
+    /// Deletes our IPAddresses whose claim does not exist (an interrupted request), once
+    /// older than the grace period and confirmed by a live read.
+    async fn sweep_addresses(&self) {
+        let now = Timestamp::now();
+        for address in self.assigner.caches.addresses.state() {
+            if address.labels().get(LABEL_MANAGED_BY).map(String::as_str) != Some(MANAGER)
+                || address.metadata.deletion_timestamp.is_some()
+            {
+                continue;
+            }
+            let ns = address.namespace().unwrap_or_default();
+            let claim_ns = address
+                .spec
+                .claim
+                .namespace
+                .clone()
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| ns.clone());
+            let Some(claim) = address.spec.claim.name.clone() else {
+                continue;
+            };
+            if self
+                .assigner
+                .caches
+                .claims
+                .get(&ObjectRef::new(&claim).within(&claim_ns))
+                .is_some()
+            {
+                continue;
+            }
+            let age = address
+                .creation_timestamp()
+                .map(|t| now.duration_since(t.0).as_secs_f64())
+                .unwrap_or(0.0);
+            if age <= self.options.claim_grace.as_secs_f64() {
+                continue;
+            }
+            match writer::get_claim(&self.assigner.client, &claim_ns, &claim).await {
+                Ok(None) => {
+                    let name = address.name_any();
+                    match writer::delete_address(
+                        &self.assigner.client,
+                        &ns,
+                        &name,
+                        address.uid().as_deref(),
+                    )
+                    .await
+                    {
+                        Ok(_) => {
+                            tracing::info!(address = %format!("{ns}/{name}"), claim = %claim, "released an address whose claim is gone")
+                        }
+                        Err(e) => tracing::warn!(error = %e, "could not release address"),
+                    }
+                }
+                Ok(Some(_)) => {}
+                Err(e) => tracing::warn!(error = %e, "could not read claim; address kept"),
             }
         }
     }

@@ -208,3 +208,40 @@ where
         Err(e) => Err(e),
     }
 }
+
+/// Removes the given finalizers from an object that is being deleted (a peer that would
+/// remove them may not run: metal3's controller is replaced by this project). Guarded by the
+/// object's resourceVersion. Returns whether the object still exists.
+pub async fn drop_finalizers<K>(
+    api: &Api<K>,
+    name: &str,
+    finalizers: &[&str],
+) -> Result<bool, kube::Error>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let Some(object) = api.get_metadata_opt(name).await? else {
+        return Ok(false);
+    };
+    let meta = &object.metadata;
+    let current = meta.finalizers.clone().unwrap_or_default();
+    if meta.deletion_timestamp.is_none()
+        || !current.iter().any(|f| finalizers.contains(&f.as_str()))
+    {
+        return Ok(true);
+    }
+    let remaining: Vec<&String> = current
+        .iter()
+        .filter(|f| !finalizers.contains(&f.as_str()))
+        .collect();
+    let patch =
+        json!({"metadata": {"finalizers": remaining, "resourceVersion": meta.resource_version}});
+    match api
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(e) if is_status(&e, 404) => Ok(false),
+        Err(e) => Err(e),
+    }
+}

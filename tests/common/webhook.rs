@@ -75,6 +75,7 @@ pub async fn start(client: &Client, namespace: &str, options: WebhookOptions) ->
             claim_grace: options.claim_grace,
             cert_reload: Duration::from_millis(200),
             drain: Duration::from_secs(5),
+            shutdown_delay: Duration::ZERO,
             background: options.background,
         },
     )
