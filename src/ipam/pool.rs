@@ -480,6 +480,14 @@ fn parse_inner(input: &PoolInput) -> Result<Pool, String> {
             ));
         }
     };
+    // An IPv6 pool usually also has an IPv6-sized spec.prefix (64): name the range's IPv6
+    // address, the actual problem, rather than the prefix.
+    for (i, r) in input.ranges.iter().enumerate() {
+        let p = format!("spec.pools[{i}]");
+        opt_addr(r.start.as_ref(), &format!("{p}.start"), "IPv4 ranges")?;
+        opt_addr(r.end.as_ref(), &format!("{p}.end"), "IPv4 ranges")?;
+        opt_subnet(r.subnet.as_ref(), &format!("{p}.subnet"))?;
+    }
     let fb = Fallbacks {
         prefix: opt_prefix(input.prefix, "spec.prefix")?,
         gateway: opt_addr(input.gateway.as_ref(), "spec.gateway", "an IPv4 gateway")?,
@@ -831,6 +839,14 @@ mod tests {
             (
                 input(vec![range("fd00::1", "fd00::9")]),
                 r#"IPPool default/p1: spec.pools[0].start "fd00::1" is IPv6; IPV4 devices need IPv4 ranges"#,
+            ),
+            (
+                // An IPv6 pool as users write it: the range is named, not spec.prefix.
+                PoolInput {
+                    prefix: Some(64),
+                    ..input(vec![range("fd00::10", "fd00::20")])
+                },
+                r#"IPPool default/p1: spec.pools[0].start "fd00::10" is IPv6; IPV4 devices need IPv4 ranges"#,
             ),
             (
                 input(vec![subnet("fd00::/64")]),
