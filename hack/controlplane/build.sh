@@ -6,7 +6,8 @@
 # Idempotent and quiet when everything is cached. Only network use: the Go module proxy.
 # Prints the cache directory's binaries on stdout with --print (for scripts).
 #
-# Optional, never built by default: `build.sh --metal3` builds (once, ~1.5 min) only
+# Optional, never built by default: `build.sh --metal3` builds (once: ~1.5 min on 2 idle cores,
+# 7 min measured on a busy machine) only
 #   $CACHE/metal3-ipam-v1.13.2/ip-address-manager  from github.com/metal3-io/ip-address-manager
 #                                                  (wrapper module ./metal3)
 # and prints its path on stdout (tests/common/metal3.rs calls this).

@@ -1,3 +1,4 @@
 #![allow(dead_code)]
 pub mod controlplane;
+pub mod metal3;
 pub mod webhook;
