@@ -28,10 +28,7 @@ pub async fn review(
 ) -> AdmissionReview<DynamicObject> {
     let request: AdmissionRequest<DynamicObject> = match body.try_into() {
         Ok(r) => r,
-        Err(e) => {
-            return AdmissionResponse::invalid(format!("not an admission request: {e}"))
-                .into_review();
-        }
+        Err(e) => return unreadable(b"", &format!("not an admission request: {e}")),
     };
     let span = tracing::info_span!(
         "review",
@@ -53,6 +50,27 @@ pub async fn review(
         Decision::Allow => tracing::debug!("allowed unchanged"),
     }
     respond(&request, decision).into_review()
+}
+
+/// The answer to a body that does not parse as an AdmissionReview of an object (`error` says
+/// why). When the body is still JSON carrying `request.uid` (a review whose object is
+/// malformed), the request is denied with 400 under that uid, so that the apiserver gets an
+/// answer to its request instead of a uid mismatch; only a body without a uid gets `invalid`.
+pub fn unreadable(body: &[u8], error: &dyn std::fmt::Display) -> AdmissionReview<DynamicObject> {
+    let uid = serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v.pointer("/request/uid")?.as_str().map(str::to_string))
+        .filter(|uid| !uid.is_empty());
+    let mut response = match &uid {
+        Some(_) => AdmissionResponse::invalid(format!(
+            "the ElfMachine in this AdmissionReview cannot be read: {error}"
+        )),
+        None => AdmissionResponse::invalid(format!("unreadable AdmissionReview: {error}")),
+    };
+    response.uid = uid.unwrap_or_default();
+    response.result.code = 400;
+    response.result.reason = reason_for(400).to_string();
+    response.into_review()
 }
 
 /// The one place a decision becomes a response.
@@ -203,5 +221,38 @@ pub async fn decide(assigner: &Assigner, request: &AdmissionRequest<DynamicObjec
             Decision::Patch(patch::build(&object_json, &leases, &extras))
         }
         Err(e) => deny(e.code(), e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn response(body: &[u8]) -> AdmissionResponse {
+        unreadable(body, &"test").response.expect("a response")
+    }
+
+    #[test]
+    fn unreadable_bodies_keep_the_uid_when_there_is_one() {
+        let r = response(br#"{"request": {"uid": "abc", "object": {"metadata": {"labels": 5}}}}"#);
+        assert_eq!(r.uid, "abc");
+        assert!(!r.allowed);
+        assert_eq!(r.result.code, 400);
+        assert!(
+            r.result.message.contains("cannot be read"),
+            "{}",
+            r.result.message
+        );
+
+        for body in [
+            &b"not json"[..],
+            br#"{"kind": "ConfigMap"}"#,
+            br#"{"request": {"uid": ""}}"#,
+        ] {
+            let r = response(body);
+            assert_eq!(r.uid, "");
+            assert!(!r.allowed);
+            assert_eq!(r.result.code, 400);
+        }
     }
 }

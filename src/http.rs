@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use base64::Engine;
 use kube::core::DynamicObject;
-use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
+use kube::core::admission::{AdmissionRequest, AdmissionReview};
 use serde_json::Value;
 
 use crate::admission;
@@ -84,10 +84,7 @@ async fn mutate(State(state): State<AppState>, body: Bytes) -> Response {
         Err(e) => {
             let mut timer = state.metrics.time_review("UNKNOWN");
             timer.result("invalid");
-            return json_response(
-                AdmissionResponse::invalid(format!("unreadable AdmissionReview: {e}"))
-                    .into_review(),
-            );
+            return json_response(admission::unreadable(&body, &e));
         }
     };
     let operation = review
