@@ -226,7 +226,10 @@ impl Assigner {
         // A claim that exists already (a retried request, a wiped ipAddrs, the Go
         // controller's claim on take-over) keeps its address.
         for pool in &selection.candidates {
-            if let Some(lease) = self.existing_lease(m, device, pool, &claim, false).await? {
+            if let Some(lease) = self
+                .existing_lease(m, device, pool, &claim, false, dry_run)
+                .await?
+            {
                 return Ok(lease);
             }
         }
@@ -399,7 +402,10 @@ impl Assigner {
         claim: &str,
     ) -> Result<Lease, AssignError> {
         for _ in 0..CLAIM_WAIT_TRIES {
-            if let Some(lease) = self.existing_lease(m, device, pool, claim, true).await? {
+            if let Some(lease) = self
+                .existing_lease(m, device, pool, claim, true, false)
+                .await?
+            {
                 return Ok(lease);
             }
             tokio::time::sleep(CLAIM_WAIT_STEP).await;
@@ -427,7 +433,11 @@ impl Assigner {
         let machine = machine_key(m.namespace, m.name);
         let ns = &lease.pool.namespace;
         let labels = owner_labels(m.namespace, m.name);
-        let annotations = owner_annotations(m, device);
+        let mut annotations = owner_annotations(m, device);
+        // metal3's controller, when it runs beside us, allocates only this address for the
+        // claim: if its cache has not seen our IPAddress yet, its create fails (409) instead
+        // of giving the claim a second address.
+        annotations.insert(METAL3_REQUESTED_IP.to_string(), lease.address.to_string());
         let api_err = |action: String, source| AssignError::Api {
             machine: machine.clone(),
             device,
@@ -470,7 +480,9 @@ impl Assigner {
         Ok(true)
     }
 
-    /// The lease held by an existing claim of this device, if any.
+    /// The lease held by an existing claim of this device, if any. Repairs a half-written
+    /// pair (an address without its claim, a claim without `status.address`) unless
+    /// `dry_run`, which only shows the lease.
     async fn existing_lease(
         &self,
         m: &MachineView<'_>,
@@ -478,6 +490,7 @@ impl Assigner {
         pool: &PoolKey,
         claim: &str,
         live_read: bool,
+        dry_run: bool,
     ) -> Result<Option<Lease>, AssignError> {
         let machine = machine_key(m.namespace, m.name);
         let cached = self
@@ -545,6 +558,9 @@ impl Assigner {
         let Some(lease) = lease_of_address(&address, device, pool, claim) else {
             return Ok(None);
         };
+        if dry_run {
+            return Ok(Some(lease));
+        }
         if live.is_none() {
             // The address was written but its claim was not (an interrupted request).
             let mut written = Written::default();

@@ -39,4 +39,7 @@ contract_tests!(
     status_and_metadata_updates_cost_nothing,
     replayed_request_and_nothing_pruned,
     dns_placement,
+    update_failure_keeps_existing_claims,
+    half_written_pair_dry_run_then_adopted,
+    concurrent_duplicate_requests,
 );

@@ -1538,3 +1538,159 @@ pub async fn dns_placement(set: CrdSet) {
     }
     e.stop().await;
 }
+
+/// A failed UPDATE (the hot-added NIC finds its pool full) is denied and gives back only
+/// what it took: the claims the machine already had stay, with their addresses.
+pub async fn update_failure_keeps_existing_claims(set: CrdSet) {
+    let e = env(set, "updfail", WebhookOptions::default()).await;
+    e.pool(
+        "one",
+        json!({"namePrefix": "one", "prefix": 24, "pools": [{"start": "10.26.0.10", "end": "10.26.0.10"}]}),
+        json!({}),
+    )
+    .await;
+    let m = e
+        .machine_ok(machine("solo", None, pool_label("one"), ipv4()))
+        .await;
+    assert_eq!(ip(&m, 0), "10.26.0.10");
+    let mut devices = m["spec"]["network"]["devices"].clone();
+    devices
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"networkType": "IPV4", "vlan": "hot"}));
+    let err = machines(&e.client, &e.ns)
+        .patch(
+            "solo",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"network": {"devices": devices}}})),
+        )
+        .await
+        .expect_err("the hot-add finds no address");
+    let kube::Error::Api(status) = err else {
+        panic!("{err}")
+    };
+    assert_contains(&status.message, &["solo", "device 1", "no free address"]);
+    assert_eq!(
+        e.claim_names(&e.ns).await,
+        BTreeSet::from([e.claim("solo", 0)])
+    );
+    assert_eq!(
+        e.address_names(&e.ns).await,
+        BTreeSet::from(["one-10-26-0-10".to_string()])
+    );
+    let stored = e.get_machine("solo").await;
+    assert_eq!(
+        stored["spec"]["network"]["devices"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(ip(&stored, 0), "10.26.0.10");
+    e.stop().await;
+}
+
+/// An address written without its claim (a request interrupted between the two creates):
+/// a dry run shows that address and writes nothing; the real create adopts it and writes
+/// the claim.
+pub async fn half_written_pair_dry_run_then_adopted(set: CrdSet) {
+    let e = env(set, "halfpair", WebhookOptions::default()).await;
+    e.pool(
+        "p",
+        json!({"namePrefix": "p", "prefix": 24, "pools": [{"start": "10.25.0.10", "end": "10.25.0.20"}]}),
+        json!({}),
+    )
+    .await;
+    let claim = e.claim("half", 0);
+    create(
+        &e.client,
+        &e.ns,
+        json!({
+            "apiVersion": "ipam.metal3.io/v1alpha1",
+            "kind": "IPAddress",
+            "metadata": {"name": "p-10-25-0-15"},
+            "spec": {
+                "address": "10.25.0.15", "prefix": 24,
+                "pool": {"apiVersion": "ipam.metal3.io/v1alpha1", "kind": "IPPool", "name": "p", "namespace": e.ns},
+                "claim": {"apiVersion": "ipam.metal3.io/v1alpha1", "kind": "IPClaim", "name": claim, "namespace": e.ns}
+            }
+        }),
+    )
+    .await
+    .unwrap();
+    let index = &e.hook.running.state.assigner.caches.index;
+    for _ in 0..250 {
+        if !index.addresses_of_claim(&e.ns, &claim).is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let object = machine("half", None, pool_label("p"), ipv4());
+    let obj: DynamicObject = serde_json::from_value(object.clone()).unwrap();
+    let pp = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let shown = to_value(machines(&e.client, &e.ns).create(&pp, &obj).await.unwrap());
+    assert_eq!(ip(&shown, 0), "10.25.0.15");
+    assert!(
+        e.claim_names(&e.ns).await.is_empty(),
+        "a dry run must not write the missing claim"
+    );
+    let real = e.machine_ok(object).await;
+    assert_eq!(ip(&real, 0), "10.25.0.15");
+    let claims = e.list(&e.ns, "IPClaim").await;
+    assert_eq!(claims.len(), 1);
+    assert_eq!(claims[0]["metadata"]["name"], claim.as_str());
+    assert_eq!(claims[0]["status"]["address"]["name"], "p-10-25-0-15");
+    e.stop().await;
+}
+
+/// The same review delivered twice at the same time (an apiserver retry racing the first
+/// try): one address, one claim, both answers agree.
+pub async fn concurrent_duplicate_requests(set: CrdSet) {
+    let e = env(set, "dupe", WebhookOptions::default()).await;
+    e.pool(
+        "p",
+        json!({"namePrefix": "p", "prefix": 24, "pools": [{"start": "10.27.0.10", "end": "10.27.0.40"}]}),
+        json!({}),
+    )
+    .await;
+    for round in 0..5 {
+        let name = format!("race-{round}");
+        let object = machine(&name, None, pool_label("p"), ipv4());
+        let body = review(
+            &format!("uid-{round}"),
+            "CREATE",
+            &e.ns,
+            &object,
+            None,
+            false,
+        );
+        let bytes = serde_json::to_vec(&body).unwrap();
+        let (r1, r2) = tokio::join!(
+            post_raw(&e.hook, bytes.clone()),
+            post_raw(&e.hook, bytes.clone())
+        );
+        let mut ips = Vec::new();
+        for (status, answer) in [r1, r2] {
+            let answer = answer.unwrap();
+            assert_eq!(status, 200);
+            assert_eq!(answer["response"]["allowed"], true, "{answer:#}");
+            let mut patched = body["request"]["object"].clone();
+            json_patch::patch(&mut patched, &response_patch(&answer).unwrap()).unwrap();
+            ips.push(ip(&patched, 0));
+        }
+        assert_eq!(ips[0], ips[1], "round {round}: two answers, two addresses");
+        let of_claim: Vec<Value> = e
+            .list(&e.ns, "IPAddress")
+            .await
+            .into_iter()
+            .filter(|a| a["spec"]["claim"]["name"] == e.claim(&name, 0).as_str())
+            .collect();
+        assert_eq!(of_claim.len(), 1, "round {round}: {of_claim:#?}");
+    }
+    assert_eq!(e.claim_names(&e.ns).await.len(), 5);
+    assert_eq!(e.address_names(&e.ns).await.len(), 5);
+    e.stop().await;
+}
