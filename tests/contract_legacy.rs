@@ -42,4 +42,6 @@ contract_tests!(
     update_failure_keeps_existing_claims,
     half_written_pair_dry_run_then_adopted,
     concurrent_duplicate_requests,
+    existing_claim_is_adopted,
+    network_copied_in_later,
 );

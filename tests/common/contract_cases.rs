@@ -1004,6 +1004,43 @@ pub async fn all_or_nothing(set: CrdSet) {
         .machine_ok(machine("modest", None, pool_label("one"), ipv4()))
         .await;
     assert_eq!(ip(&m, 0), "10.15.0.10");
+
+    if set == CrdSet::Current {
+        // Devices from different pools (addressesFromPools): device 1's pool is full (the
+        // machine above holds its only address); device 0's pool has room.
+        e.pool(
+            "roomy",
+            json!({"namePrefix": "roomy", "prefix": 24, "pools": [{"start": "10.15.1.10", "end": "10.15.1.20"}]}),
+            json!({}),
+        )
+        .await;
+        let devices = json!([
+            {"networkType": "IPV4"},
+            {"networkType": "IPV4", "addressesFromPools": [{"apiGroup": "ipam.metal3.io", "kind": "IPPool", "name": "one"}]}
+        ]);
+        let msg = e
+            .machine_denied(machine("split", None, pool_label("roomy"), devices))
+            .await;
+        assert_contains(&msg, &["split", "device 1", "no free address", "one"]);
+        assert_eq!(
+            e.claim_names(&e.ns).await,
+            BTreeSet::from([e.claim("modest", 0)]),
+            "device 0's claim in roomy is given back"
+        );
+        assert_eq!(
+            e.address_names(&e.ns).await,
+            BTreeSet::from(["one-10-15-0-10".to_string()]),
+            "device 0's address in roomy is given back"
+        );
+        let m = e
+            .machine_ok(machine("after", None, pool_label("roomy"), ipv4()))
+            .await;
+        assert_eq!(
+            ip(&m, 0),
+            "10.15.1.10",
+            "roomy's first address is free again"
+        );
+    }
     e.stop().await;
 }
 
@@ -1692,5 +1729,119 @@ pub async fn concurrent_duplicate_requests(set: CrdSet) {
     }
     assert_eq!(e.claim_names(&e.ns).await.len(), 5);
     assert_eq!(e.address_names(&e.ns).await.len(), 5);
+    e.stop().await;
+}
+
+/// Take-over from the Go controller (or metal3): a claim `<ns>-<machine>-<device>` that already
+/// holds an address (no annotations of ours) is adopted: the machine gets that address and no
+/// second claim or address is made.
+pub async fn existing_claim_is_adopted(set: CrdSet) {
+    let e = env(set, "adopt", WebhookOptions::default()).await;
+    e.pool(
+        "p",
+        json!({"namePrefix": "p", "prefix": 24, "gateway": "10.28.0.1",
+               "pools": [{"start": "10.28.0.10", "end": "10.28.0.40"}]}),
+        json!({}),
+    )
+    .await;
+    let claim = e.claim("goctl", 0);
+    let reference = |kind: &str, name: &str| json!({"apiVersion": "ipam.metal3.io/v1alpha1", "kind": kind, "name": name, "namespace": e.ns});
+    create(
+        &e.client,
+        &e.ns,
+        json!({"apiVersion": "ipam.metal3.io/v1alpha1", "kind": "IPClaim",
+               "metadata": {"name": claim, "labels": {"cluster.x-k8s.io/ip-owner-name": format!("{}-goctl", e.ns)}},
+               "spec": {"pool": reference("IPPool", "p")}}),
+    )
+    .await
+    .unwrap();
+    create(
+        &e.client,
+        &e.ns,
+        json!({"apiVersion": "ipam.metal3.io/v1alpha1", "kind": "IPAddress",
+               "metadata": {"name": "p-10-28-0-33"},
+               "spec": {"address": "10.28.0.33", "prefix": 24, "gateway": "10.28.0.1",
+                        "pool": reference("IPPool", "p"), "claim": reference("IPClaim", &claim)}}),
+    )
+    .await
+    .unwrap();
+    dynamic(
+        &e.client,
+        &e.ns,
+        "ipam.metal3.io",
+        "v1alpha1",
+        "IPClaim",
+        "ipclaims",
+    )
+    .patch_status(
+        &claim,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"address": reference("IPAddress", "p-10-28-0-33")}})),
+    )
+    .await
+    .unwrap();
+    let key = kube::runtime::reflector::ObjectRef::new(&claim).within(&e.ns);
+    for _ in 0..250 {
+        if e.hook
+            .running
+            .state
+            .assigner
+            .caches
+            .claims
+            .get(&key)
+            .is_some()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let m = e
+        .machine_ok(machine("goctl", None, pool_label("p"), ipv4()))
+        .await;
+    assert_eq!(ip(&m, 0), "10.28.0.33");
+    assert_eq!(
+        m["spec"]["network"]["devices"][0]["routes"],
+        json!([{"gateway": "10.28.0.1"}])
+    );
+    assert_eq!(e.claim_names(&e.ns).await, BTreeSet::from([claim]));
+    assert_eq!(
+        e.address_names(&e.ns).await,
+        BTreeSet::from(["p-10-28-0-33".to_string()])
+    );
+    e.stop().await;
+}
+
+/// A machine created without devices gets its network later (CAPE >= 1.8 copies a failure
+/// domain's network in): that UPDATE assigns the address and adds the finalizer.
+pub async fn network_copied_in_later(set: CrdSet) {
+    let e = env(set, "latenet", WebhookOptions::default()).await;
+    e.pool(
+        "p",
+        json!({"namePrefix": "p", "prefix": 24, "pools": [{"start": "10.29.0.10", "end": "10.29.0.20"}]}),
+        json!({}),
+    )
+    .await;
+    let m = e
+        .machine_ok(machine("bare", None, pool_label("p"), json!([])))
+        .await;
+    assert!(m["metadata"].get("finalizers").is_none());
+    let updated = to_value(
+        machines(&e.client, &e.ns)
+            .patch(
+                "bare",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"network": {"devices": [
+                    {"networkType": "IPV4", "vlan": "fd-vlan"}
+                ]}}})),
+            )
+            .await
+            .unwrap(),
+    );
+    assert_eq!(ip(&updated, 0), "10.29.0.10");
+    assert_eq!(updated["metadata"]["finalizers"], json!([FINALIZER]));
+    assert_eq!(
+        e.claim_names(&e.ns).await,
+        BTreeSet::from([e.claim("bare", 0)])
+    );
     e.stop().await;
 }
