@@ -1501,6 +1501,31 @@ pub async fn replayed_request_and_nothing_pruned(set: CrdSet) {
             "{path} was pruned: {stored:#}"
         );
     }
+    // Nothing written to the IPAM objects is pruned either (metal3 v1.13.2 and v1.1.3).
+    let claim = &e.list(&e.ns, "IPClaim").await[0];
+    assert_eq!(claim["spec"]["pool"]["name"], "p");
+    assert_eq!(claim["spec"]["pool"]["namespace"], e.ns.as_str());
+    assert_eq!(claim["status"]["address"]["name"], "p-10-21-0-10");
+    assert_eq!(
+        claim["metadata"]["labels"]["cluster.x-k8s.io/ip-owner-name"],
+        format!("{}-twice", e.ns)
+    );
+    let address = &e.list(&e.ns, "IPAddress").await[0];
+    assert_eq!(
+        address["spec"],
+        json!({
+            "address": "10.21.0.10", "prefix": 24, "gateway": "10.21.0.1",
+            "dnsServers": ["10.21.0.2", "10.21.0.3"],
+            "pool": address["spec"]["pool"].clone(),
+            "claim": address["spec"]["claim"].clone()
+        })
+    );
+    assert_eq!(address["spec"]["pool"]["name"], "p");
+    assert_eq!(
+        address["spec"]["claim"]["name"],
+        e.claim("twice", 0).as_str()
+    );
+    assert_eq!(address["metadata"]["ownerReferences"][0]["kind"], "IPPool");
     e.stop().await;
 }
 
