@@ -255,4 +255,96 @@ mod tests {
             out["metadata"]["finalizers"]
         );
     }
+
+    /// The objects of AdmissionReviews as kube-apiserver sent them (tests/fixtures).
+    fn fixture(name: &str) -> Value {
+        let text = match name {
+            "create" => include_str!("../tests/fixtures/create.json"),
+            "two-devices" => include_str!("../tests/fixtures/two-devices.json"),
+            "dhcp-and-ipv4" => include_str!("../tests/fixtures/dhcp-and-ipv4.json"),
+            "update-wiped" => include_str!("../tests/fixtures/update-wiped.json"),
+            _ => unreachable!(),
+        };
+        let review: Value = serde_json::from_str(text).expect("fixture is JSON");
+        review["request"]["object"].clone()
+    }
+
+    #[test]
+    fn applies_to_captured_requests() {
+        let extras = Extras {
+            finalizer: true,
+            device_nameservers: true,
+            ..Default::default()
+        };
+        // CREATE: the finalizer list is created, only the device changes.
+        let object = fixture("create");
+        let leases = [lease(
+            0,
+            [10, 30, 0, 10],
+            Some([10, 30, 0, 1]),
+            &[[10, 30, 0, 2]],
+        )];
+        let out = apply(&object, &build(&object, &leases, &extras));
+        assert_eq!(out["metadata"]["finalizers"], json!([STATIC_IP_FINALIZER]));
+        let dev = &out["spec"]["network"]["devices"][0];
+        assert_eq!(dev["ipAddrs"], json!(["10.30.0.10"]));
+        assert_eq!(dev["netmask"], "255.255.0.0");
+        assert_eq!(dev["routes"], json!([{"gateway": "10.30.0.1"}]));
+        assert_eq!(dev["nameservers"], json!(["10.30.0.2"]));
+        let mut rest = out.clone();
+        rest["spec"]["network"]["devices"] = object["spec"]["network"]["devices"].clone();
+        rest["metadata"]
+            .as_object_mut()
+            .unwrap()
+            .remove("finalizers");
+        assert_eq!(rest, object, "nothing else changes");
+
+        // DHCP + IPV4: the DHCP device is untouched.
+        let object = fixture("dhcp-and-ipv4");
+        let leases = [lease(1, [10, 30, 0, 11], None, &[])];
+        let out = apply(&object, &build(&object, &leases, &extras));
+        assert_eq!(
+            out["spec"]["network"]["devices"][0],
+            object["spec"]["network"]["devices"][0]
+        );
+        assert_eq!(
+            out["spec"]["network"]["devices"][1]["ipAddrs"],
+            json!(["10.30.0.11"])
+        );
+
+        // Two devices, legacy DNS placement: merged into spec.network.nameservers.
+        let object = fixture("two-devices");
+        let leases = [
+            lease(0, [10, 30, 0, 12], None, &[[10, 30, 0, 2]]),
+            lease(1, [10, 30, 0, 13], None, &[[10, 30, 0, 2], [10, 30, 0, 3]]),
+        ];
+        let legacy = Extras {
+            device_nameservers: false,
+            ..extras.clone()
+        };
+        let out = apply(&object, &build(&object, &leases, &legacy));
+        assert_eq!(
+            out["spec"]["network"]["nameservers"],
+            json!(["10.30.0.2", "10.30.0.3"])
+        );
+        assert_eq!(
+            out["spec"]["network"]["devices"][1]["ipAddrs"],
+            json!(["10.30.0.13"])
+        );
+
+        // UPDATE with wiped ipAddrs: the finalizer is already there, not added twice.
+        let object = fixture("update-wiped");
+        assert_eq!(
+            object["metadata"]["finalizers"],
+            json!([STATIC_IP_FINALIZER])
+        );
+        let leases = [lease(0, [10, 30, 0, 10], Some([10, 30, 0, 1]), &[])];
+        let patch = build(&object, &leases, &extras);
+        let out = apply(&object, &patch);
+        assert_eq!(out["metadata"]["finalizers"], json!([STATIC_IP_FINALIZER]));
+        assert_eq!(
+            out["spec"]["network"]["devices"][0]["ipAddrs"],
+            json!(["10.30.0.10"])
+        );
+    }
 }
