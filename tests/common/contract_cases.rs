@@ -368,6 +368,27 @@ pub async fn rule2_pool_name_labels(set: CrdSet) {
         .machine_ok(machine("to-default", None, pool_label(&in_default), ipv4()))
         .await;
     assert_eq!(ip(&m, 0), "10.2.4.10");
+    // ip-pool-namespace names a namespace without that pool: then `default`.
+    let m = e
+        .machine_ok(machine(
+            "ns-then-default",
+            None,
+            json!({"cluster.x-k8s.io/ip-pool-name": in_default,
+                   "cluster.x-k8s.io/ip-pool-namespace": other_ns}),
+            ipv4(),
+        ))
+        .await;
+    assert_eq!(ip(&m, 0), "10.2.4.11");
+    // An empty label on the machine counts as unset: the template's label applies.
+    let m = e
+        .machine_ok(machine(
+            "empty-label",
+            Some("tpl"),
+            json!({"cluster.x-k8s.io/ip-pool-name": ""}),
+            ipv4(),
+        ))
+        .await;
+    assert_eq!(ip(&m, 0), "10.2.2.11");
 
     let msg = e
         .machine_denied(machine("missing", None, pool_label("nope-pool"), ipv4()))
@@ -763,6 +784,38 @@ pub async fn never_gateway_network_or_broadcast(set: CrdSet) {
         .await;
     assert_contains(&msg, &["no free address", "tiny", "none-left"]);
     assert_eq!(e.address_names(&e.ns).await.len(), 1);
+    // /31 and /32 have no network or broadcast address: every address is usable.
+    e.pool(
+        "p2p",
+        json!({"namePrefix": "p2p",
+               "pools": [{"start": "10.10.1.4", "end": "10.10.1.5", "prefix": 31},
+                         {"start": "10.10.2.7", "end": "10.10.2.7", "prefix": 32}]}),
+        json!({}),
+    )
+    .await;
+    let mut got = Vec::new();
+    for i in 0..3 {
+        let m = e
+            .machine_ok(machine(
+                &format!("p2p-{i}"),
+                None,
+                pool_label("p2p"),
+                ipv4(),
+            ))
+            .await;
+        got.push((
+            ip(&m, 0),
+            m["spec"]["network"]["devices"][0]["netmask"].clone(),
+        ));
+    }
+    assert_eq!(
+        got,
+        [
+            ("10.10.1.4".to_string(), json!("255.255.255.254")),
+            ("10.10.1.5".to_string(), json!("255.255.255.254")),
+            ("10.10.2.7".to_string(), json!("255.255.255.255")),
+        ]
+    );
     e.stop().await;
 }
 
