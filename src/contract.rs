@@ -13,6 +13,9 @@ pub const METAL3_CLAIM_FINALIZER: &str = "ipclaim.ipam.metal3.io";
 /// metal3's finalizer on the IPAddresses it made or adopted.
 pub const METAL3_ADDRESS_FINALIZER: &str = "ipaddress.ipam.metal3.io";
 
+/// metal3's annotation on an IPClaim naming the one address its controller may give it.
+pub const METAL3_REQUESTED_IP: &str = "ipAddress";
+
 /// A device with this `networkType` (exactly) takes a static address.
 pub const NETWORK_TYPE_STATIC: &str = "IPV4";
 

@@ -22,6 +22,9 @@ use crate::metrics::Metrics;
 use crate::sweeper::{Sweeper, SweeperOptions};
 use crate::tls::ReloadingCert;
 
+/// The shortest `--claim-grace` accepted: above the longest webhook timeout (30 s).
+pub const MIN_CLAIM_GRACE: Duration = Duration::from_secs(30);
+
 /// Everything [`start`] needs.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -238,6 +241,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         log_format,
     } = args;
     init_logging(log_format);
+    if claim_grace < MIN_CLAIM_GRACE {
+        anyhow::bail!(
+            "--claim-grace {} is too short: it must exceed the longest time a create can take (the webhook timeout plus the rest of admission); use at least {}",
+            humantime::format_duration(claim_grace),
+            humantime::format_duration(MIN_CLAIM_GRACE)
+        );
+    }
     let client = Client::try_default()
         .await
         .context("connecting to the Kubernetes API (KUBECONFIG or in-cluster)")?;

@@ -164,11 +164,39 @@ impl Sweeper {
     }
 
     /// Deletes a machine's claims and addresses, then removes our finalizer.
-    async fn release_machine(&self, machine: &ElfMachine) -> Result<(), SweepError> {
-        let ns = machine.namespace().unwrap_or_default();
-        let name = machine.name_any();
+    async fn release_machine(&self, cached: &ElfMachine) -> Result<(), SweepError> {
+        let ns = cached.namespace().unwrap_or_default();
+        let name = cached.name_any();
+        // Decide on the live object: the cache may still show a machine that another
+        // replica released, while a new machine of the same name already holds claims.
+        let live = Api::<ElfMachine>::namespaced(self.assigner.client.clone(), &ns)
+            .get_opt(&name)
+            .await
+            .map_err(api(format!("reading ElfMachine {ns}/{name}")))?;
+        let Some(machine) = live else { return Ok(()) };
+        let finalizers = machine.finalizers();
+        let Some(deleted_at) = machine.metadata.deletion_timestamp.clone() else {
+            return Ok(());
+        };
+        if machine.uid() != cached.uid()
+            || !finalizers.iter().any(|f| f == STATIC_IP_FINALIZER)
+            || finalizers.iter().any(|f| f == CAPE_FINALIZER)
+        {
+            return Ok(());
+        }
+        let uid = machine.uid().unwrap_or_default();
+        // A claim of this machine is bound to its uid, or (not adopted yet) was made before
+        // the machine was deleted; a later machine of the same name makes its claims after.
+        let owned = |c: &IPClaim| match c.annotations().get(ANNOTATION_MACHINE_UID) {
+            Some(bound) => *bound == uid,
+            None => c.creation_timestamp().is_none_or(|t| t.0 <= deleted_at.0),
+        };
         let devices = machine.spec.network.devices.len();
-        let mut claims = self.claims_of(&ns, &name, devices);
+        let mut claims: Vec<Arc<IPClaim>> = self
+            .claims_of(&ns, &name, devices)
+            .into_iter()
+            .filter(|c| owned(c))
+            .collect();
         // The cache may lag behind a claim written an instant ago: read live by name too.
         for i in 0..devices {
             let claim = claim_name(&ns, &name, i);
@@ -185,6 +213,7 @@ impl Sweeper {
                     && c.annotations()
                         .get(ANNOTATION_MACHINE)
                         .is_none_or(|o| *o == machine_key(&ns, &name))
+                    && owned(&c)
                 {
                     claims.push(Arc::new(c));
                 }
@@ -193,7 +222,7 @@ impl Sweeper {
         for claim in &claims {
             self.release_claim(claim).await?;
         }
-        remove_finalizer(&self.assigner.client, machine).await?;
+        remove_finalizer(&self.assigner.client, &machine).await?;
         tracing::info!(machine = %machine_key(&ns, &name), claims = claims.len(), "released");
         Ok(())
     }
@@ -281,11 +310,35 @@ impl Sweeper {
 
     /// Allocates for devices that need an address and patches the machine; records the
     /// machine's uid on its claims.
-    async fn fill_missing(&self, machine: &ElfMachine) -> Result<(), SweepError> {
-        let ns = machine.namespace().unwrap_or_default();
-        let name = machine.name_any();
+    async fn fill_missing(&self, cached: &ElfMachine) -> Result<(), SweepError> {
+        let ns = cached.namespace().unwrap_or_default();
+        let name = cached.name_any();
+        let unadopted = self
+            .claims_of(&ns, &name, cached.spec.network.devices.len())
+            .into_iter()
+            .any(|c| !c.annotations().contains_key(ANNOTATION_MACHINE_UID));
+        if !unadopted && !cached.spec.network.devices.iter().any(needs_address) {
+            return Ok(());
+        }
+        // Act on the live object only: the cache may show an earlier machine of this name,
+        // or an older version of this one.
+        let raw_api: Api<kube::core::DynamicObject> = Api::namespaced_with(
+            self.assigner.client.clone(),
+            &ns,
+            &kube::discovery::ApiResource::erase::<ElfMachine>(&()),
+        );
+        let Some(live) = raw_api.get_opt(&name).await.map_err(api_err(&ns, &name))? else {
+            return Ok(());
+        };
+        let value = serde_json::to_value(&live).unwrap_or_default();
+        let Ok(machine) = serde_json::from_value::<ElfMachine>(value.clone()) else {
+            return Ok(());
+        };
+        if machine.uid() != cached.uid() || machine.metadata.deletion_timestamp.is_some() {
+            return Ok(());
+        }
         let uid = machine.uid();
-        self.adopt_claims(machine).await?;
+        self.adopt_claims(&machine).await?;
         if !machine.spec.network.devices.iter().any(needs_address) {
             return Ok(());
         }
@@ -299,16 +352,7 @@ impl Sweeper {
             devices: &machine.spec.network.devices,
         };
         let leases = self.assigner.assign(&view, false).await?;
-        // Patch against the live object, guarded by its resourceVersion.
-        let raw_api: Api<kube::core::DynamicObject> = Api::namespaced_with(
-            self.assigner.client.clone(),
-            &ns,
-            &kube::discovery::ApiResource::erase::<ElfMachine>(&()),
-        );
-        let Some(live) = raw_api.get_opt(&name).await.map_err(api_err(&ns, &name))? else {
-            return Ok(());
-        };
-        let value = serde_json::to_value(&live).unwrap_or_default();
+        // Patch guarded by the resourceVersion the decision was made on.
         let extras = Extras {
             name: None,
             finalizer: true,

@@ -1,4 +1,5 @@
 #![allow(dead_code)]
 pub mod controlplane;
 pub mod metal3;
+pub mod util;
 pub mod webhook;

@@ -1,0 +1,408 @@
+//! Lifecycle on a real kube-apiserver: release after the VM is gone, the sweeper, the
+//! fallback reconciler and the take-over from the Go controller.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use common::controlplane::{CrdSet, shared, temp_namespace};
+use common::util::*;
+use common::webhook::{self, WebhookOptions, capi_machine, create, dynamic, machines};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use serde_json::json;
+
+const FINALIZER: &str = "elfmachinestaticip.infrastructure.cluster.x-k8s.io";
+const CAPE_FINALIZER: &str = "elfmachine.infrastructure.cluster.x-k8s.io";
+
+#[tokio::test]
+async fn release_waits_for_capes_finalizer_then_frees_the_address() {
+    let cp = shared(CrdSet::Current);
+    let client = cp.client().await;
+    let ns = temp_namespace(&client, "release").await;
+    let hook = webhook::start(&client, &ns, WebhookOptions::default()).await;
+    setup(
+        &client,
+        &ns,
+        json!({"namePrefix": "pool", "pools": [{"subnet": "10.20.0.0/24"}], "prefix": 24}),
+    )
+    .await;
+    wait_for_pool(&hook, &ns).await;
+    let api = machines(&client, &ns);
+
+    let mut latencies = Vec::new();
+    for i in 0..20 {
+        let name = format!("m-{i}");
+        create_machine(&client, &ns, &name).await;
+        // CAPE adds its finalizer once it starts on the VM.
+        api.patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"finalizers": [FINALIZER, CAPE_FINALIZER]}})),
+        )
+        .await
+        .unwrap();
+        api.delete(&name, &DeleteParams::default()).await.unwrap();
+        if i == 0 {
+            // While CAPE's finalizer is there, the VM may exist: the address is held.
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            assert!(!gone(&client, &ns, &name).await);
+            assert_eq!(count(&client, &ns, "IPClaim", "ipclaims").await, 1);
+            assert_eq!(count(&client, &ns, "IPAddress", "ipaddresses").await, 1);
+        }
+        // CAPE deleted the VM and removes its finalizer.
+        let live = serde_json::to_value(api.get(&name).await.unwrap()).unwrap();
+        let at = live["metadata"]["finalizers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .position(|f| f == CAPE_FINALIZER)
+            .unwrap();
+        let remove = json!([{"op": "test", "path": format!("/metadata/finalizers/{at}"), "value": CAPE_FINALIZER},
+                            {"op": "remove", "path": format!("/metadata/finalizers/{at}")}]);
+        let start = Instant::now();
+        api.patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Json::<()>(serde_json::from_value(remove).unwrap()),
+        )
+        .await
+        .unwrap();
+        eventually(Duration::from_secs(10), "machine released", || {
+            gone(&client, &ns, &name)
+        })
+        .await;
+        latencies.push(start.elapsed().as_secs_f64() * 1000.0);
+        assert_eq!(count(&client, &ns, "IPClaim", "ipclaims").await, 0);
+        assert_eq!(count(&client, &ns, "IPAddress", "ipaddresses").await, 0);
+    }
+    latencies.sort_by(f64::total_cmp);
+    println!(
+        "release latency after CAPE's finalizer removal over {} machines: p50 {:.0} ms, p99 {:.0} ms",
+        latencies.len(),
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.99)
+    );
+    hook.stop().await;
+}
+
+#[tokio::test]
+async fn the_same_name_deleted_and_recreated_twenty_times() {
+    let cp = shared(CrdSet::Current);
+    let client = cp.client().await;
+    let ns = temp_namespace(&client, "recreate").await;
+    let hook = webhook::start(&client, &ns, WebhookOptions::default()).await;
+    setup(&client, &ns, json!({"namePrefix": "pool", "pools": [{"start": "10.22.0.10", "end": "10.22.0.12"}], "prefix": 24})).await;
+    wait_for_pool(&hook, &ns).await;
+    for round in 0..20 {
+        let m = create_machine(&client, &ns, "same").await;
+        assert!(!ip_of(&m).is_empty(), "round {round}: {m:#}");
+        assert_eq!(
+            count(&client, &ns, "IPClaim", "ipclaims").await,
+            1,
+            "round {round}"
+        );
+        assert_eq!(
+            count(&client, &ns, "IPAddress", "ipaddresses").await,
+            1,
+            "round {round}"
+        );
+        machines(&client, &ns)
+            .delete("same", &DeleteParams::default())
+            .await
+            .unwrap();
+        eventually(Duration::from_secs(10), "released", || {
+            gone(&client, &ns, "same")
+        })
+        .await;
+    }
+    assert_eq!(count(&client, &ns, "IPClaim", "ipclaims").await, 0);
+    assert_eq!(count(&client, &ns, "IPAddress", "ipaddresses").await, 0);
+    hook.stop().await;
+}
+
+#[tokio::test]
+async fn create_delete_cycles_leak_nothing_and_pool_status_matches() {
+    let cycles: usize = std::env::var("CAPE_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000);
+    let cp = shared(CrdSet::Current);
+    let client = cp.client().await;
+    let ns = temp_namespace(&client, "cycles").await;
+    let hook = webhook::start(
+        &client,
+        &ns,
+        WebhookOptions {
+            claim_grace: Duration::from_secs(30),
+            ..Default::default()
+        },
+    )
+    .await;
+    setup(&client, &ns, json!({"namePrefix": "pool", "pools": [{"subnet": "10.23.0.0/24"}], "prefix": 24, "gateway": "10.23.0.1"})).await;
+    wait_for_pool(&hook, &ns).await;
+    let start = Instant::now();
+    let workers = 20;
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..workers {
+        let client = client.clone();
+        let ns = ns.clone();
+        tasks.spawn(async move {
+            let mut i = w;
+            while i < cycles {
+                let name = format!("c-{i}");
+                let m = create_machine(&client, &ns, &name).await;
+                assert!(!ip_of(&m).is_empty());
+                machines(&client, &ns)
+                    .delete(&name, &DeleteParams::default())
+                    .await
+                    .unwrap();
+                i += workers;
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap();
+    }
+    eventually(
+        Duration::from_secs(60),
+        "every machine released",
+        || async {
+            machines(&client, &ns)
+                .list(&ListParams::default())
+                .await
+                .unwrap()
+                .items
+                .is_empty()
+        },
+    )
+    .await;
+    let took = start.elapsed();
+    assert_eq!(
+        count(&client, &ns, "IPClaim", "ipclaims").await,
+        0,
+        "leaked claims"
+    );
+    assert_eq!(
+        count(&client, &ns, "IPAddress", "ipaddresses").await,
+        0,
+        "leaked addresses"
+    );
+    // One machine stays: status.indexes must show exactly its claim.
+    let m = create_machine(&client, &ns, "stays").await;
+    let want = json!({format!("{ns}-stays-0"): ip_of(&m)});
+    eventually(
+        Duration::from_secs(30),
+        "pool status matches the objects",
+        || async {
+            let p = dynamic(
+                &client,
+                &ns,
+                "ipam.metal3.io",
+                "v1alpha1",
+                "IPPool",
+                "ippools",
+            )
+            .get("pool")
+            .await
+            .unwrap();
+            serde_json::to_value(p).unwrap()["status"]["indexes"] == want
+        },
+    )
+    .await;
+    println!(
+        "{cycles} create/delete cycles at concurrency {workers}: {:.1}s, 0 leaked objects",
+        took.as_secs_f64()
+    );
+    hook.stop().await;
+}
+
+#[tokio::test]
+async fn the_sweeper_frees_nothing_live_during_500_creates() {
+    let cp = shared(CrdSet::Current);
+    let client = cp.client().await;
+    let ns = temp_namespace(&client, "inflight").await;
+    // A grace period just above the webhook timeout (10 s), and sweeps every 5 s while the
+    // creates run: claims of earlier machines age past the grace period while later
+    // creates are still in flight.
+    let hook = webhook::start(
+        &client,
+        &ns,
+        WebhookOptions {
+            claim_grace: Duration::from_secs(2),
+            resync: Duration::from_secs(5),
+            ..Default::default()
+        },
+    )
+    .await;
+    setup(
+        &client,
+        &ns,
+        json!({"namePrefix": "pool", "pools": [{"subnet": "10.24.0.0/22"}], "prefix": 22}),
+    )
+    .await;
+    wait_for_pool(&hook, &ns).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(50));
+    for i in 0..500 {
+        let client = client.clone();
+        let ns = ns.clone();
+        let sem = sem.clone();
+        tasks.spawn(async move {
+            let _permit = sem.acquire().await.unwrap();
+            ip_of(&create_machine(&client, &ns, &format!("n-{i}")).await)
+        });
+    }
+    let mut ips = BTreeSet::new();
+    let mut all = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        let ip = r.unwrap();
+        all.push(ip.clone());
+        ips.insert(ip);
+    }
+    all.sort();
+    let dups: Vec<_> = all
+        .windows(2)
+        .filter(|w| w[0] == w[1])
+        .map(|w| w[0].clone())
+        .collect();
+    assert!(dups.is_empty(), "duplicate or missing addresses: {dups:?}");
+    assert_eq!(ips.len(), 500);
+    // Sweeps later, past the grace period of the last claims, everything is still there.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert_eq!(count(&client, &ns, "IPClaim", "ipclaims").await, 500);
+    let addresses: BTreeSet<String> = objects(&client, &ns, "IPAddress", "ipaddresses")
+        .await
+        .iter()
+        .map(|a| a["spec"]["address"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(addresses, ips);
+    hook.stop().await;
+}
+
+#[tokio::test]
+async fn take_over_from_the_go_controller() {
+    let cp = shared(CrdSet::Current);
+    let client = cp.client().await;
+    let ns = temp_namespace(&client, "takeover").await;
+    setup(&client, &ns, json!({"namePrefix": "pool", "pools": [{"start": "10.26.0.10", "end": "10.26.0.20"}], "prefix": 24, "gateway": "10.26.0.1"})).await;
+    // What the Go controller and metal3 left: machines with addresses and the finalizer,
+    // claims `<ns>-<name>-0` without labels, addresses made by metal3.
+    let pool_uid = serde_json::to_value(
+        dynamic(
+            &client,
+            &ns,
+            "ipam.metal3.io",
+            "v1alpha1",
+            "IPPool",
+            "ippools",
+        )
+        .get("pool")
+        .await
+        .unwrap(),
+    )
+    .unwrap()["metadata"]["uid"]
+        .clone();
+    for (i, ip) in ["10.26.0.10", "10.26.0.11", "10.26.0.12"]
+        .iter()
+        .enumerate()
+    {
+        let name = format!("go-{i}");
+        let claim = format!("{ns}-{name}-0");
+        let address = format!("pool-{}", ip.replace('.', "-"));
+        create(
+            &client,
+            &ns,
+            json!({
+                "apiVersion": "ipam.metal3.io/v1alpha1", "kind": "IPClaim",
+                "metadata": {"name": claim, "finalizers": ["ipclaim.ipam.metal3.io"]},
+                "spec": {"pool": {"name": "pool", "namespace": ns}}
+            }),
+        )
+        .await
+        .unwrap();
+        create(&client, &ns, json!({
+            "apiVersion": "ipam.metal3.io/v1alpha1", "kind": "IPAddress",
+            "metadata": {"name": address, "finalizers": ["ipaddress.ipam.metal3.io"],
+                         "ownerReferences": [{"apiVersion": "ipam.metal3.io/v1alpha1", "kind": "IPPool", "name": "pool", "uid": pool_uid}]},
+            "spec": {"address": ip, "prefix": 24, "gateway": "10.26.0.1", "pool": {"name": "pool", "namespace": ns},
+                     "claim": {"name": claim, "namespace": ns}}
+        }))
+        .await
+        .unwrap();
+        dynamic(
+            &client,
+            &ns,
+            "ipam.metal3.io",
+            "v1alpha1",
+            "IPClaim",
+            "ipclaims",
+        )
+        .patch_status(
+            &claim,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"address": {"name": address, "namespace": ns}}})),
+        )
+        .await
+        .unwrap();
+        let mut m = capi_machine(
+            &name,
+            "tpl",
+            json!([{"networkType": "IPV4", "ipAddrs": [ip], "netmask": "255.255.255.0",
+                                                        "routes": [{"gateway": "10.26.0.1"}]}]),
+        );
+        m["metadata"]["finalizers"] = json!([FINALIZER]);
+        create(&client, &ns, m).await.unwrap();
+    }
+    // Now we take over.
+    let hook = webhook::start(&client, &ns, WebhookOptions::default()).await;
+    wait_for_pool(&hook, &ns).await;
+    eventually(Duration::from_secs(10), "claims adopted", || async {
+        objects(&client, &ns, "IPClaim", "ipclaims").await.iter().all(|c| {
+            c["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "cape-static-ip"
+                && c["metadata"]["annotations"]["static-ip.infrastructure.cluster.x-k8s.io/machine-uid"].is_string()
+        })
+    })
+    .await;
+    // Their machines keep their addresses; a new machine gets a different one.
+    for (i, ip) in ["10.26.0.10", "10.26.0.11", "10.26.0.12"]
+        .iter()
+        .enumerate()
+    {
+        let m = serde_json::to_value(
+            machines(&client, &ns)
+                .get(&format!("go-{i}"))
+                .await
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(ip_of(&m), *ip);
+    }
+    let fresh = create_machine(&client, &ns, "fresh").await;
+    assert_eq!(ip_of(&fresh), "10.26.0.13");
+    // Release works on adopted claims, metal3's finalizers included (its controller is gone).
+    machines(&client, &ns)
+        .delete("go-1", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(10), "adopted machine released", || {
+        gone(&client, &ns, "go-1")
+    })
+    .await;
+    eventually(
+        Duration::from_secs(10),
+        "adopted claim and address deleted",
+        || async {
+            count(&client, &ns, "IPClaim", "ipclaims").await == 3
+                && count(&client, &ns, "IPAddress", "ipaddresses").await == 3
+        },
+    )
+    .await;
+    let again = create_machine(&client, &ns, "again").await;
+    assert_eq!(
+        ip_of(&again),
+        "10.26.0.11",
+        "the released address is free again"
+    );
+    hook.stop().await;
+}
