@@ -3,6 +3,8 @@
 //! `tests/contract_legacy.rs` (tests/common/contract_cases.rs).
 
 mod common;
+// Some cases are for the legacy CRDs only.
+#[allow(dead_code)]
 #[path = "common/contract_cases.rs"]
 mod contract_cases;
 

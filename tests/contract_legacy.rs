@@ -45,3 +45,9 @@ contract_tests!(
     existing_claim_is_adopted,
     network_copied_in_later,
 );
+
+/// Legacy only: the served CRD changes under the running webhook.
+#[tokio::test]
+async fn dns_placement_follows_crd_changes() {
+    case::dns_placement_follows_crd_changes(Legacy).await
+}

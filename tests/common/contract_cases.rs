@@ -32,9 +32,16 @@ pub struct Env {
     pub client: kube::Client,
     pub ns: String,
     pub hook: Webhook,
+    /// Held while the test runs: [`dns_placement_follows_crd_changes`] changes the shared
+    /// ElfMachine CRD only when no other test runs.
+    _crd: tokio::sync::RwLockReadGuard<'static, ()>,
 }
 
+/// See [`Env`]'s `_crd`.
+static CRD: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 pub async fn env(set: CrdSet, prefix: &str, options: WebhookOptions) -> Env {
+    let crd = CRD.read().await;
     let cp = shared(set);
     let client = cp.client().await;
     let ns = temp_namespace(&client, prefix).await;
@@ -44,6 +51,7 @@ pub async fn env(set: CrdSet, prefix: &str, options: WebhookOptions) -> Env {
         client,
         ns,
         hook,
+        _crd: crd,
     }
 }
 
@@ -1323,6 +1331,7 @@ async fn counting_client(set: CrdSet) -> (kube::Client, Arc<AtomicUsize>) {
 /// Status-only and metadata-only updates cost no API call: the webhook's own client is
 /// counted (every request but watches) while they happen.
 pub async fn status_and_metadata_updates_cost_nothing(set: CrdSet) {
+    let crd = CRD.read().await;
     let cp = shared(set);
     let admin = cp.client().await;
     let ns = temp_namespace(&admin, "nocall").await;
@@ -1341,6 +1350,7 @@ pub async fn status_and_metadata_updates_cost_nothing(set: CrdSet) {
         client: admin,
         ns,
         hook,
+        _crd: crd,
     };
     e.pool(
         "p",
@@ -1922,4 +1932,110 @@ pub async fn network_copied_in_later(set: CrdSet) {
         BTreeSet::from([e.claim("bare", 0)])
     );
     e.stop().await;
+}
+
+/// DNS placement is learned from the ElfMachine CRD the apiserver serves, and follows it when
+/// it changes: on CAPE v0.3.6 CRDs, adding a device-level `nameservers` to the schema (as
+/// upgrading CAPE to >= 1.7.2 does) moves DNS servers to the device; removing it moves them
+/// back. Runs alone (it changes the CRD every test of the binary uses).
+pub async fn dns_placement_follows_crd_changes(set: CrdSet) {
+    assert_eq!(
+        set,
+        CrdSet::Legacy,
+        "starts from a CRD without device nameservers"
+    );
+    let _alone = CRD.write().await;
+    let cp = shared(set);
+    let client = cp.client().await;
+    let ns = temp_namespace(&client, "crdswitch").await;
+    let hook = webhook::start(&client, &ns, WebhookOptions::default()).await;
+    let schema = hook.running.state.assigner.caches.schema.clone();
+    let crds: kube::Api<
+        k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+    > = kube::Api::all(client.clone());
+    let name = "elfmachines.infrastructure.cluster.x-k8s.io";
+    let crd = serde_json::to_value(crds.get(name).await.unwrap()).unwrap();
+    let version = crd["spec"]["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|v| v["name"] == "v1beta1")
+        .unwrap();
+    let path = format!(
+        "/spec/versions/{version}/schema/openAPIV3Schema/properties/spec/properties/network/properties/devices/items/properties/nameservers"
+    );
+    assert!(
+        crd.pointer(&path).is_none(),
+        "CAPE v0.3.6 has no device nameservers"
+    );
+    let create = |name: String| {
+        let client = client.clone();
+        let ns = ns.clone();
+        async move {
+            to_value(
+                webhook::create(&client, &ns, machine(&name, None, pool_label("p"), ipv4()))
+                    .await
+                    .unwrap(),
+            )
+        }
+    };
+    webhook::create(
+        &client,
+        &ns,
+        pool(
+            "p",
+            json!({"namePrefix": "p", "prefix": 24, "dnsServers": ["10.31.0.2"],
+                   "pools": [{"start": "10.31.0.10", "end": "10.31.0.200"}]}),
+            json!({}),
+        ),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let m = create("before".into()).await;
+    assert_eq!(m["spec"]["network"]["nameservers"], json!(["10.31.0.2"]));
+
+    let add = json!([{"op": "add", "path": path,
+                      "value": {"type": "array", "items": {"type": "string"}}}]);
+    crds.patch(
+        name,
+        &PatchParams::default(),
+        &Patch::<Value>::Json(serde_json::from_value(add).unwrap()),
+    )
+    .await
+    .unwrap();
+    let mut moved = None;
+    for i in 0..100 {
+        if schema.device_nameservers() {
+            // The apiserver may still serve the old schema for a moment (it would prune).
+            let m = create(format!("after-{i}")).await;
+            if m["spec"]["network"]["devices"][0]["nameservers"] == json!(["10.31.0.2"]) {
+                moved = Some(m);
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let moved =
+        moved.expect("DNS servers never moved to the device after the CRD gained nameservers");
+    assert_eq!(moved["spec"]["network"]["nameservers"], json!([]));
+
+    let remove = json!([{"op": "remove", "path": path}]);
+    crds.patch(
+        name,
+        &PatchParams::default(),
+        &Patch::<Value>::Json(serde_json::from_value(remove).unwrap()),
+    )
+    .await
+    .unwrap();
+    for _ in 0..100 {
+        if !schema.device_nameservers() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!schema.device_nameservers(), "the removal was not noticed");
+    let m = create("back".into()).await;
+    assert_eq!(m["spec"]["network"]["nameservers"], json!(["10.31.0.2"]));
+    hook.stop().await;
 }
