@@ -541,6 +541,17 @@ pub async fn rule4_default_pools(set: CrdSet) {
         json!({"namePrefix": format!("d{third}-{last}"), "prefix": 24,
                "pools": [{"start": format!("10.4.{third}.{last}"), "end": format!("10.4.{third}.{last}")}]})
     };
+    {
+        // No default pool anywhere yet: the denial names the configured namespace in its
+        // place between the machine's namespace and `default`.
+        let _default = DEFAULT_NAMESPACE.lock().await;
+        let msg = e
+            .machine_denied(machine("too-early", None, json!({}), ipv4()))
+            .await;
+        let order = format!("{}, {defaults_ns}, default", e.ns);
+        assert_contains(&msg, &[&order]);
+        assert!(!msg.contains("cape-system"), "{msg}");
+    }
     // In the configured default namespace: a group-labelled default pool, a plain one.
     e.pool_in(
         &defaults_ns,
