@@ -8,6 +8,7 @@ use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 use rand::distr::{Alphanumeric, SampleString};
 use serde_json::Value;
+use tracing::Instrument;
 
 use crate::assign::{Assigner, MachineView, needs_address};
 use crate::cluster::crd::ElfMachineSpec;
@@ -40,15 +41,16 @@ pub async fn review(
         allowed = tracing::field::Empty,
         patched = tracing::field::Empty,
     );
-    let _enter = span.enter();
-    let decision = decide(assigner, &request).await;
+    // The span is attached to the future (not entered across awaits), so that concurrent
+    // reviews never log under each other's span.
+    let decision = decide(assigner, &request).instrument(span.clone()).await;
     span.record("allowed", !matches!(decision, Decision::Deny { .. }));
     span.record("patched", matches!(decision, Decision::Patch(_)));
-    match &decision {
+    span.in_scope(|| match &decision {
         Decision::Deny { message, .. } => tracing::info!(reason = %message, "denied"),
         Decision::Patch(p) => tracing::info!(ops = p.0.len(), "patched"),
         Decision::Allow => tracing::debug!("allowed unchanged"),
-    }
+    });
     respond(&request, decision).into_review()
 }
 

@@ -605,6 +605,7 @@ impl Assigner {
         for (ns, name, pool, ip) in written.addresses.iter().rev() {
             match writer::delete_address(&self.client, ns, name, None).await {
                 Ok(_) => {
+                    tracing::info!(address = %format!("{ns}/{name}"), "gave back address");
                     let _ = self
                         .caches
                         .index
