@@ -1,0 +1,797 @@
+//! `make bench`: the end-to-end benchmark against a local control plane (etcd + kube-apiserver,
+//! started by this process and stopped when it exits). Figures, not assertions: prints ONE
+//! table and writes it as JSON to `target/bench/bench-<unix time>.json` and
+//! `target/bench/latest.json`.
+//!
+//! 1. resident memory of the webhook binary (`target/release/cape-static-ip serve`, a child
+//!    process) idle;
+//! 2. bursts of ElfMachine creates through the apiserver (100 at concurrency 20, 200 at 50) on
+//!    an empty /16: admission latency (timed around the webhook's handler, and from its own
+//!    Prometheus histogram), client create latency, machines/s;
+//! 3. the floor: the same number of bare creates of what one allocation writes (IPAddress,
+//!    IPClaim, claim status, ElfMachine; no webhook) at the same concurrency;
+//! 4. the same bursts on a /16 with 60,000 addresses already used (pre-filled at 64 in flight);
+//! 5. resident memory of a fresh webhook child with 100,000 IPAM objects cached;
+//! 6. the allocator micro-benchmarks, read from criterion's output when `cargo bench --bench
+//!    allocator` ran first (as `make bench` does).
+//!
+//! Environment: `BENCH_MEM_OBJECTS` (default 100000) IPAM objects for the memory figure,
+//! `BENCH_FILL_BUDGET_SECS` (default 240) the most time spent creating them (the rest is
+//! extrapolated, and labelled so), `BENCH_PREFILL` (default 60000) addresses used in the full pool.
+
+#[allow(dead_code)]
+#[path = "../tests/common/controlplane.rs"]
+mod controlplane;
+#[allow(dead_code)]
+#[path = "../tests/common/webhook.rs"]
+mod webhook;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::Request;
+use axum::middleware::Next;
+use axum_server::tls_rustls::RustlsConfig;
+use cape_static_ip::assign::Assigner;
+use cape_static_ip::cluster::cache::Caches;
+use cape_static_ip::http::{AppState, webhook_router};
+use cape_static_ip::ipam::PoolKey;
+use cape_static_ip::metrics::Metrics;
+use cape_static_ip::tls::ReloadingCert;
+use controlplane::{CrdSet, shared, temp_namespace};
+use futures::StreamExt;
+use kube::Client;
+use kube::api::{Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+use webhook::{capi_machine, create, dev_certs, dynamic, machines, pool, template};
+
+type Samples = Arc<Mutex<Vec<f64>>>;
+
+fn env_usize(key: &str, default: usize) -> usize {
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn sorted(mut v: Vec<f64>) -> Vec<f64> {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v
+}
+
+/// The webhook in this process, with a timing layer around the handler.
+struct InProcess {
+    addr: SocketAddr,
+    state: AppState,
+    samples: Samples,
+    _tasks: tokio::task::JoinSet<()>,
+}
+
+async fn start_webhook(client: &Client, certs: &Path) -> InProcess {
+    let mut tasks = tokio::task::JoinSet::new();
+    let caches = Caches::start(client, &mut tasks);
+    let state = AppState {
+        assigner: Assigner {
+            client: client.clone(),
+            caches,
+            default_namespace: "cape-system".into(),
+        },
+        metrics: Arc::new(Metrics::default()),
+        stopping: Arc::new(AtomicBool::new(false)),
+    };
+    let samples: Samples = Arc::default();
+    let timing = samples.clone();
+    let router = webhook_router(state.clone()).layer(axum::middleware::from_fn(
+        move |req: Request, next: Next| {
+            let timing = timing.clone();
+            async move {
+                let start = Instant::now();
+                let resp = next.run(req).await;
+                timing
+                    .lock()
+                    .unwrap()
+                    .push(start.elapsed().as_secs_f64() * 1e3);
+                resp
+            }
+        },
+    ));
+    let cert = ReloadingCert::new(certs.join("tls.crt"), certs.join("tls.key")).unwrap();
+    let tls = RustlsConfig::from_config(Arc::new(cert.server_config()));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = axum_server::from_tcp_rustls(listener, tls).unwrap();
+    tokio::spawn(server.serve(router.into_make_service()));
+    state.assigner.caches.wait_ready().await;
+    InProcess {
+        addr,
+        state,
+        samples,
+        _tasks: tasks,
+    }
+}
+
+/// Registers the webhook for `ns` and waits until the apiserver calls it.
+async fn register(client: &Client, hook: &InProcess, ca_pem: &str, ns: &str) {
+    webhook::register(
+        client,
+        &format!("cape-static-ip-bench-{ns}"),
+        hook.addr,
+        ca_pem,
+        ns,
+        "Fail",
+    )
+    .await;
+    let probe: kube::core::DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "infrastructure.cluster.x-k8s.io/v1beta1", "kind": "ElfMachine",
+        "metadata": {"name": "probe", "namespace": ns,
+                     "labels": {"cluster.x-k8s.io/ip-pool-name": "no-such-pool-probe"}},
+        "spec": {"network": {"devices": [{"networkType": "IPV4"}]}}
+    }))
+    .unwrap();
+    let dry = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    for _ in 0..400 {
+        if let Err(kube::Error::Api(s)) = machines(client, ns).create(&dry, &probe).await
+            && s.message.contains("no-such-pool-probe")
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the apiserver never called the webhook for {ns}");
+}
+
+/// `le` → cumulative count of the admission histogram, summed over labels.
+fn histogram(metrics: &Metrics) -> Vec<(f64, f64)> {
+    let mut buckets: std::collections::BTreeMap<String, (f64, f64)> = Default::default();
+    for line in metrics.encode().lines() {
+        let Some(rest) = line.strip_prefix("cape_static_ip_admission_duration_seconds_bucket{")
+        else {
+            continue;
+        };
+        let Some(le) = rest.split("le=\"").nth(1).and_then(|s| s.split('"').next()) else {
+            continue;
+        };
+        let count: f64 = line
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        let bound = if le == "+Inf" {
+            f64::INFINITY
+        } else {
+            le.parse().unwrap_or(f64::INFINITY)
+        };
+        let e = buckets.entry(le.to_string()).or_insert((bound, 0.0));
+        e.1 += count;
+    }
+    let mut v: Vec<(f64, f64)> = buckets.into_values().collect();
+    v.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap());
+    v
+}
+
+/// Prometheus' histogram_quantile over the difference of two snapshots, in ms.
+fn histogram_quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> f64 {
+    let delta: Vec<(f64, f64)> = after
+        .iter()
+        .map(|(le, c)| {
+            let b = before
+                .iter()
+                .find(|(l, _)| l == le)
+                .map(|x| x.1)
+                .unwrap_or(0.0);
+            (*le, c - b)
+        })
+        .collect();
+    let Some(&(_, total)) = delta.last() else {
+        return f64::NAN;
+    };
+    let rank = q * total;
+    let mut prev = (0.0, 0.0);
+    for &(le, c) in &delta {
+        if c >= rank {
+            if le.is_infinite() {
+                return prev.0 * 1e3;
+            }
+            let frac = if c > prev.1 {
+                (rank - prev.1) / (c - prev.1)
+            } else {
+                1.0
+            };
+            return (prev.0 + (le - prev.0) * frac) * 1e3;
+        }
+        prev = (le, c);
+    }
+    f64::NAN
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+struct Burst {
+    pool: String,
+    machines: usize,
+    concurrency: usize,
+    admission_ms: [f64; 3],
+    admission_hist_ms: [f64; 3],
+    create_ms: [f64; 2],
+    machines_per_s: f64,
+    failures: usize,
+}
+
+async fn burst(
+    client: &Client,
+    hook: &InProcess,
+    ns: &str,
+    prefix: &str,
+    n: usize,
+    concurrency: usize,
+) -> Burst {
+    hook.samples.lock().unwrap().clear();
+    let before = histogram(&hook.state.metrics);
+    let start = Instant::now();
+    let results: Vec<Result<f64, String>> = futures::stream::iter((0..n).map(|i| {
+        let (client, ns) = (client.clone(), ns.to_string());
+        let name = format!("{prefix}-{i:04}");
+        async move {
+            let t = Instant::now();
+            let m = create(
+                &client,
+                &ns,
+                capi_machine(
+                    &name,
+                    "tpl",
+                    json!([{"networkType": "IPV4", "vlan": "vlan-1"}]),
+                ),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            let ms = t.elapsed().as_secs_f64() * 1e3;
+            let m = serde_json::to_value(m).unwrap();
+            if m["spec"]["network"]["devices"][0]["ipAddrs"][0].is_string() {
+                Ok(ms)
+            } else {
+                Err("no address".into())
+            }
+        }
+    }))
+    .buffer_unordered(concurrency)
+    .collect()
+    .await;
+    let wall = start.elapsed().as_secs_f64();
+    let after = histogram(&hook.state.metrics);
+    let failures: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    if let Some(e) = failures.first() {
+        eprintln!("{} of {n} creates failed, first: {e}", failures.len());
+    }
+    let create = sorted(
+        results
+            .iter()
+            .filter_map(|r| r.as_ref().ok().copied())
+            .collect(),
+    );
+    let admission = sorted(std::mem::take(&mut *hook.samples.lock().unwrap()));
+    Burst {
+        pool: ns.to_string(),
+        machines: n,
+        concurrency,
+        admission_ms: [50.0, 90.0, 99.0].map(|p| percentile(&admission, p)),
+        admission_hist_ms: [0.5, 0.9, 0.99].map(|q| histogram_quantile(&before, &after, q)),
+        create_ms: [50.0, 99.0].map(|p| percentile(&create, p)),
+        machines_per_s: create.len() as f64 / wall,
+        failures: failures.len(),
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+struct Floor {
+    machines: usize,
+    concurrency: usize,
+    machines_per_s: f64,
+    chain_ms: [f64; 2],
+}
+
+fn obj(v: Value) -> kube::core::DynamicObject {
+    serde_json::from_value(v).unwrap()
+}
+
+/// The writes of one allocation without the webhook: IPAddress, IPClaim, claim status,
+/// ElfMachine (with its address already in), one after the other; `n` such chains at
+/// `concurrency`.
+async fn floor(client: &Client, ns: &str, prefix: &str, n: usize, concurrency: usize) -> Floor {
+    let addrs = dynamic(
+        client,
+        ns,
+        "ipam.metal3.io",
+        "v1alpha1",
+        "IPAddress",
+        "ipaddresses",
+    );
+    let claims = dynamic(
+        client,
+        ns,
+        "ipam.metal3.io",
+        "v1alpha1",
+        "IPClaim",
+        "ipclaims",
+    );
+    let elf = machines(client, ns);
+    let start = Instant::now();
+    let times: Vec<f64> = futures::stream::iter((0..n).map(|i| {
+        let (addrs, claims, elf, ns) = (addrs.clone(), claims.clone(), elf.clone(), ns.to_string());
+        let name = format!("{prefix}-{i:04}");
+        async move {
+            let t = Instant::now();
+            let ip = format!("10.99.{}.{}", i / 250, i % 250 + 1);
+            let addr_name = format!("floor-{}", ip.replace('.', "-"));
+            let claim_name = format!("{ns}-{name}-0");
+            let labels = json!({"cluster.x-k8s.io/ip-owner-name": format!("{ns}-{name}"),
+                                "cluster.x-k8s.io/cluster-name": "demo"});
+            let pp = PostParams::default();
+            addrs.create(&pp, &obj(json!({
+                "apiVersion": "ipam.metal3.io/v1alpha1", "kind": "IPAddress",
+                "metadata": {"name": addr_name, "namespace": ns, "labels": labels},
+                "spec": {"address": ip, "prefix": 16, "gateway": "10.99.255.254",
+                         "pool": {"name": "floor", "namespace": ns, "kind": "IPPool", "apiVersion": "ipam.metal3.io/v1alpha1"},
+                         "claim": {"name": claim_name, "namespace": ns, "kind": "IPClaim", "apiVersion": "ipam.metal3.io/v1alpha1"}}
+            }))).await.unwrap();
+            claims.create(&pp, &obj(json!({
+                "apiVersion": "ipam.metal3.io/v1alpha1", "kind": "IPClaim",
+                "metadata": {"name": claim_name, "namespace": ns, "labels": labels},
+                "spec": {"pool": {"name": "floor", "namespace": ns, "kind": "IPPool", "apiVersion": "ipam.metal3.io/v1alpha1"}}
+            }))).await.unwrap();
+            claims.patch_status(&claim_name, &PatchParams::default(), &Patch::Merge(json!(
+                {"status": {"address": {"name": addr_name, "namespace": ns}}}
+            ))).await.unwrap();
+            let mut m = capi_machine(&name, "tpl", json!([{"networkType": "IPV4", "vlan": "vlan-1",
+                "ipAddrs": [ip], "netmask": "255.255.0.0", "routes": [{"gateway": "10.99.255.254"}]}]));
+            m["metadata"]["finalizers"] = json!(["elfmachinestaticip.infrastructure.cluster.x-k8s.io"]);
+            elf.create(&pp, &obj(m)).await.unwrap();
+            t.elapsed().as_secs_f64() * 1e3
+        }
+    }))
+    .buffer_unordered(concurrency)
+    .collect()
+    .await;
+    let wall = start.elapsed().as_secs_f64();
+    let times = sorted(times);
+    Floor {
+        machines: n,
+        concurrency,
+        machines_per_s: n as f64 / wall,
+        chain_ms: [percentile(&times, 50.0), percentile(&times, 99.0)],
+    }
+}
+
+/// Creates `n` objects made by `make(i)` at 64 in flight, stopping early after `budget`.
+/// Returns how many were created and how long it took.
+async fn fill(
+    api: &kube::Api<kube::core::DynamicObject>,
+    n: usize,
+    budget: Duration,
+    make: impl Fn(usize) -> Value,
+) -> (usize, f64) {
+    let start = Instant::now();
+    let created: usize = futures::stream::iter((0..n).map(|i| {
+        let (api, o) = (api.clone(), obj(make(i)));
+        async move {
+            if start.elapsed() > budget {
+                return 0;
+            }
+            for _ in 0..5 {
+                match api.create(&PostParams::default(), &o).await {
+                    Ok(_) => return 1,
+                    Err(kube::Error::Api(s)) if s.code == 409 => return 1,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            }
+            0
+        }
+    }))
+    .buffer_unordered(64)
+    .fold(0, |a, b| async move { a + b })
+    .await;
+    (created, start.elapsed().as_secs_f64())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts `cape-static-ip serve` as a child, waits for /readyz, lets it settle, returns
+/// (VmRSS, VmHWM) in MiB and how long it took to become ready.
+async fn child_rss(binary: &Path, kubeconfig: &Path, certs: &Path) -> (f64, f64, f64) {
+    let admin = free_port();
+    let start = Instant::now();
+    let mut child = std::process::Command::new(binary)
+        .arg("serve")
+        .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+        .arg("--tls-cert-file")
+        .arg(certs.join("tls.crt"))
+        .arg("--tls-key-file")
+        .arg(certs.join("tls.key"))
+        .args(["--claim-grace", "1h", "--resync", "1h"])
+        .env("KUBECONFIG", kubeconfig)
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "starting {}: {e} (build it with cargo build --release)",
+                binary.display()
+            )
+        });
+    let http = reqwest::Client::new();
+    let mut ready = false;
+    for _ in 0..1200 {
+        if let Ok(r) = http
+            .get(format!("http://127.0.0.1:{admin}/readyz"))
+            .send()
+            .await
+            && r.status().is_success()
+        {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if !ready {
+        let _ = child.kill();
+        panic!("the webhook child never became ready");
+    }
+    let ready_s = start.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let pid = child.id();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib = |key: &str| -> f64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    let out = (kib("VmRSS:") / 1024.0, kib("VmHWM:") / 1024.0, ready_s);
+    let _ = child.kill();
+    let _ = child.wait();
+    out
+}
+
+/// Criterion's estimates (mean, ns) of the allocator benchmarks, when they ran.
+fn criterion_results(target: &Path) -> Vec<(String, f64)> {
+    let mut out = Vec::new();
+    let mut stack = vec![target.join("criterion")];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.ends_with("new/benchmark.json") {
+                let read = |f: &Path| -> Option<Value> {
+                    serde_json::from_str(&std::fs::read_to_string(f).ok()?).ok()
+                };
+                if let (Some(b), Some(est)) = (read(&p), read(&p.with_file_name("estimates.json")))
+                    && let (Some(id), Some(mean)) = (
+                        b["full_id"].as_str(),
+                        est["mean"]["point_estimate"].as_f64(),
+                    )
+                {
+                    out.push((id.to_string(), mean));
+                }
+            }
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+#[tokio::main]
+async fn main() {
+    let t0 = Instant::now();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root.join("target"));
+    let binary = std::env::var("BENCH_WEBHOOK_BINARY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| target.join("release/cape-static-ip"));
+    let mem_objects = env_usize("BENCH_MEM_OBJECTS", 100_000);
+    let prefill = env_usize("BENCH_PREFILL", 60_000).min(65_000);
+    let budget = Duration::from_secs(env_usize("BENCH_FILL_BUDGET_SECS", 240) as u64);
+
+    eprintln!("bench: starting the control plane");
+    let cp = shared(CrdSet::Current);
+    let client = cp.client().await;
+    let (certs, ca_pem) = dev_certs("bench");
+    let (rss_idle, _, _) = child_rss(&binary, cp.kubeconfig(), &certs).await;
+    eprintln!("bench: webhook idle RSS {rss_idle:.1} MiB");
+
+    let hook = start_webhook(&cp.client().await, &certs).await;
+    let empty_ns = temp_namespace(&client, "bench-empty").await;
+    let full_ns = temp_namespace(&client, "bench-full").await;
+    let floor_ns = temp_namespace(&client, "bench-floor").await;
+    let mem_ns = temp_namespace(&client, "bench-mem").await;
+    for (ns, name, subnet) in [
+        (&empty_ns, "empty", "10.0.0.0/16"),
+        (&full_ns, "full", "10.1.0.0/16"),
+    ] {
+        create(&client, ns, pool(name, json!({
+            "namePrefix": name,
+            "pools": [{"subnet": subnet}],
+            "prefix": 16, "gateway": subnet.replace("0.0/16", "0.1"), "dnsServers": ["10.255.0.2"]
+        }), json!({}))).await.unwrap();
+        create(
+            &client,
+            ns,
+            template("tpl", json!({"cluster.x-k8s.io/ip-pool-name": name})),
+        )
+        .await
+        .unwrap();
+        register(&client, &hook, &ca_pem, ns).await;
+    }
+    create(&client, &floor_ns, template("tpl", json!({})))
+        .await
+        .unwrap();
+
+    // Warm-up (connections, caches, allocator): not measured.
+    let _ = burst(&client, &hook, &empty_ns, "warm", 10, 5).await;
+
+    eprintln!("bench: bursts on the empty /16");
+    let empty = [
+        burst(&client, &hook, &empty_ns, "a", 100, 20).await,
+        burst(&client, &hook, &empty_ns, "b", 200, 50).await,
+    ];
+    eprintln!("bench: floor");
+    let floors = [
+        floor(&client, &floor_ns, "fa", 100, 20).await,
+        floor(&client, &floor_ns, "fb", 200, 50).await,
+    ];
+
+    eprintln!("bench: pre-filling {prefill} addresses of the second /16 at 64 in flight");
+    let addrs = dynamic(
+        &client,
+        &full_ns,
+        "ipam.metal3.io",
+        "v1alpha1",
+        "IPAddress",
+        "ipaddresses",
+    );
+    let fns = full_ns.clone();
+    let (filled, fill_s) = fill(&addrs, prefill, budget, |i| {
+        let raw = u32::from(std::net::Ipv4Addr::new(10, 1, 0, 2)) + i as u32;
+        let ip = std::net::Ipv4Addr::from(raw).to_string();
+        json!({
+            "apiVersion": "ipam.metal3.io/v1alpha1", "kind": "IPAddress",
+            "metadata": {"name": format!("full-{}", ip.replace('.', "-")), "namespace": fns},
+            "spec": {"address": ip, "prefix": 16, "gateway": "10.1.0.1",
+                     "pool": {"name": "full", "namespace": fns},
+                     "claim": {"name": format!("prefill-{i}"), "namespace": fns}}
+        })
+    })
+    .await;
+    let fill_rate = filled as f64 / fill_s;
+    eprintln!("bench: {filled} addresses in {fill_s:.1} s ({fill_rate:.0}/s)");
+    let key = PoolKey {
+        namespace: full_ns.clone(),
+        name: "full".into(),
+    };
+    for _ in 0..600 {
+        let used = hook
+            .state
+            .assigner
+            .caches
+            .index
+            .with_pool(&key, |s| s.used())
+            .unwrap_or(0);
+        if used >= filled {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = burst(&client, &hook, &full_ns, "warm", 10, 5).await;
+    eprintln!("bench: bursts on the filled /16");
+    let full = [
+        burst(&client, &hook, &full_ns, "a", 100, 20).await,
+        burst(&client, &hook, &full_ns, "b", 200, 50).await,
+    ];
+
+    // IPAM objects in the cluster now: the pre-fill, 2 per machine admitted, 2 per floor chain.
+    let admitted: usize = empty
+        .iter()
+        .chain(full.iter())
+        .map(|b| b.machines)
+        .sum::<usize>()
+        + 20;
+    let existing = filled + 2 * admitted + 2 * 300;
+    let wanted = mem_objects.saturating_sub(existing);
+    let left = budget.saturating_sub(Duration::from_secs_f64(fill_s));
+    eprintln!("bench: creating {wanted} IPClaims for the memory figure (budget {left:?})");
+    let claims = dynamic(
+        &client,
+        &mem_ns,
+        "ipam.metal3.io",
+        "v1alpha1",
+        "IPClaim",
+        "ipclaims",
+    );
+    let mns = mem_ns.clone();
+    let (claims_made, claims_s) = fill(&claims, wanted, left, |i| {
+        json!({
+            "apiVersion": "ipam.metal3.io/v1alpha1", "kind": "IPClaim",
+            "metadata": {"name": format!("mem-{i:06}"), "namespace": mns},
+            "spec": {"pool": {"name": "full", "namespace": full_ns}}
+        })
+    })
+    .await;
+    let cached = existing + claims_made;
+    eprintln!("bench: {claims_made} claims in {claims_s:.1} s; {cached} IPAM objects");
+    let (rss_loaded, hwm_loaded, ready_s) = child_rss(&binary, cp.kubeconfig(), &certs).await;
+    let per_object_kib = (rss_loaded - rss_idle) * 1024.0 / cached as f64;
+    let rss_100k = if cached >= 100_000 {
+        rss_loaded
+    } else {
+        rss_idle + per_object_kib * 100_000.0 / 1024.0
+    };
+    let micro = criterion_results(&target);
+
+    // ---- the table ----
+    let mut rows: Vec<(String, String, String)> = Vec::new();
+    let mut row = |m: String, v: String, t: &str| rows.push((m, v, t.to_string()));
+    let ratio_p99 = [0, 1].map(|i| full[i].admission_ms[2] / empty[i].admission_ms[2]);
+    for (label, bursts) in [
+        ("empty /16", &empty),
+        (&*format!("/16 with {filled} used"), &full),
+    ] {
+        for b in bursts.iter() {
+            let tag = format!("{label}, {} @ {}", b.machines, b.concurrency);
+            row(
+                format!("admission p50/p90/p99 ms ({tag})"),
+                format!(
+                    "{:.1} / {:.1} / {:.1}",
+                    b.admission_ms[0], b.admission_ms[1], b.admission_ms[2]
+                ),
+                "p99 <= 25",
+            );
+            row(
+                "  same, from the webhook's histogram".to_string(),
+                format!(
+                    "{:.1} / {:.1} / {:.1}",
+                    b.admission_hist_ms[0], b.admission_hist_ms[1], b.admission_hist_ms[2]
+                ),
+                "",
+            );
+            row(
+                format!("create p50/p99 ms, client ({tag})"),
+                format!("{:.1} / {:.1}", b.create_ms[0], b.create_ms[1]),
+                "",
+            );
+            row(
+                format!("machines/s ({tag})"),
+                format!(
+                    "{:.1}{}",
+                    b.machines_per_s,
+                    if b.failures > 0 {
+                        format!(" ({} failed)", b.failures)
+                    } else {
+                        String::new()
+                    }
+                ),
+                if b.machines == 100 && label == "empty /16" {
+                    ">= 120"
+                } else {
+                    ""
+                },
+            );
+        }
+    }
+    for (i, f) in floors.iter().enumerate() {
+        row(
+            format!(
+                "floor machines/s (4 bare writes, {} @ {})",
+                f.machines, f.concurrency
+            ),
+            format!(
+                "{:.1} (chain p50/p99 {:.1} / {:.1} ms)",
+                f.machines_per_s, f.chain_ms[0], f.chain_ms[1]
+            ),
+            "",
+        );
+        row(
+            format!("  ours / floor ({} @ {})", f.machines, f.concurrency),
+            format!(
+                "{:.0} %",
+                100.0 * empty[i].machines_per_s / f.machines_per_s
+            ),
+            ">= 80 %",
+        );
+    }
+    for i in 0..2 {
+        row(
+            format!(
+                "full/empty admission p99 ({} @ {})",
+                empty[i].machines, empty[i].concurrency
+            ),
+            format!("{:.2}x", ratio_p99[i]),
+            "<= 1.2x",
+        );
+    }
+    row(
+        format!("pre-fill {filled} IPAddresses @ 64"),
+        format!("{fill_s:.1} s ({fill_rate:.0}/s)"),
+        "",
+    );
+    row("webhook RSS idle".into(), format!("{rss_idle:.1} MiB"), "");
+    row(
+        format!("webhook RSS, {cached} IPAM objects cached"),
+        format!("{rss_loaded:.1} MiB (peak {hwm_loaded:.1}; ready in {ready_s:.1} s)"),
+        "",
+    );
+    row(
+        if cached >= 100_000 {
+            "webhook RSS at 100k IPAM objects".into()
+        } else {
+            format!(
+                "webhook RSS at 100k IPAM objects (EXTRAPOLATED from {cached}, {per_object_kib:.2} KiB/object)"
+            )
+        },
+        format!("{rss_100k:.1} MiB"),
+        "<= 150 MB",
+    );
+    for (id, ns) in &micro {
+        row(format!("allocator {id}"), format!("{:.0} ns", ns), "");
+    }
+    let w0 = rows.iter().map(|r| r.0.chars().count()).max().unwrap_or(10);
+    let w1 = rows.iter().map(|r| r.1.chars().count()).max().unwrap_or(10);
+    println!();
+    println!("| {:w0$} | {:w1$} | target |", "metric", "value");
+    println!("|{}|{}|--------|", "-".repeat(w0 + 2), "-".repeat(w1 + 2));
+    for (m, v, t) in &rows {
+        println!("| {m:w0$} | {v:w1$} | {t} |");
+    }
+    println!(
+        "\n(total {:.0} s on {} CPUs)",
+        t0.elapsed().as_secs_f64(),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+
+    let report = json!({
+        "bursts_empty": empty, "bursts_full": full, "floor": floors,
+        "prefill": {"addresses": filled, "seconds": fill_s},
+        "rss_mib": {"idle": rss_idle, "loaded": rss_loaded, "loaded_peak": hwm_loaded,
+                    "loaded_objects": cached, "at_100k": rss_100k, "extrapolated": cached < 100_000},
+        "allocator_ns": micro.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
+        "table": rows.iter().map(|(m, v, t)| json!({"metric": m, "value": v, "target": t})).collect::<Vec<_>>(),
+        "seconds": t0.elapsed().as_secs_f64(),
+    });
+    let dir = target.join("bench");
+    std::fs::create_dir_all(&dir).unwrap();
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let text = serde_json::to_string_pretty(&report).unwrap();
+    std::fs::write(dir.join(format!("bench-{stamp}.json")), &text).unwrap();
+    std::fs::write(dir.join("latest.json"), &text).unwrap();
+    println!("wrote {}", dir.join("latest.json").display());
+    let _ = std::fs::remove_dir_all(&certs);
+}
