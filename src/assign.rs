@@ -598,6 +598,7 @@ impl Assigner {
     /// removes whatever is left once its grace period has passed.
     async fn give_back(&self, written: Written) {
         for (ns, name) in written.claims.iter().rev() {
+            tracing::debug!(claim = %format!("{ns}/{name}"), "giving back claim");
             if let Err(e) = writer::delete_claim(&self.client, ns, name, None).await {
                 tracing::warn!(claim = %format!("{ns}/{name}"), error = %e, "could not give back claim");
             }

@@ -268,6 +268,7 @@ impl Sweeper {
         // The claim first: metal3's controller, when it runs, must not see a live claim
         // without an address (it would allocate a new one).
         let client = &self.assigner.client;
+        tracing::debug!(claim = %format!("{ns}/{name}"), "releasing claim");
         match writer::delete_claim(client, &ns, &name, claim.uid().as_deref()).await {
             Ok(_) => {}
             // The precondition failed: the claim was replaced meanwhile; leave the new one

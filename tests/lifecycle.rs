@@ -10,7 +10,7 @@ use common::controlplane::{CrdSet, shared, temp_namespace};
 use common::util::*;
 use common::webhook::{self, WebhookOptions, capi_machine, create, dynamic, machines};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
-use serde_json::json;
+use serde_json::{Value, json};
 
 const FINALIZER: &str = "elfmachinestaticip.infrastructure.cluster.x-k8s.io";
 const CAPE_FINALIZER: &str = "elfmachine.infrastructure.cluster.x-k8s.io";
@@ -222,14 +222,14 @@ async fn the_sweeper_frees_nothing_live_during_500_creates() {
     let cp = shared(CrdSet::Current);
     let client = cp.client().await;
     let ns = temp_namespace(&client, "inflight").await;
-    // A grace period just above the webhook timeout (10 s), and sweeps every 5 s while the
-    // creates run: claims of earlier machines age past the grace period while later
-    // creates are still in flight.
+    // The shortest grace period the CLI accepts, and sweeps every 5 s while the creates
+    // run: claims of earlier machines age past the grace period while later creates are
+    // still in flight.
     let hook = webhook::start(
         &client,
         &ns,
         WebhookOptions {
-            claim_grace: Duration::from_secs(2),
+            claim_grace: cape_static_ip::serve::MIN_CLAIM_GRACE,
             resync: Duration::from_secs(5),
             ..Default::default()
         },
@@ -250,26 +250,69 @@ async fn the_sweeper_frees_nothing_live_during_500_creates() {
         let sem = sem.clone();
         tasks.spawn(async move {
             let _permit = sem.acquire().await.unwrap();
-            ip_of(&create_machine(&client, &ns, &format!("n-{i}")).await)
+            let name = format!("n-{i}");
+            let ip = ip_of(&create_machine(&client, &ns, &name).await);
+            (name, ip)
         });
     }
     let mut ips = BTreeSet::new();
     let mut all = Vec::new();
     while let Some(r) = tasks.join_next().await {
-        let ip = r.unwrap();
-        all.push(ip.clone());
+        let (name, ip) = r.unwrap();
+        all.push((ip.clone(), name));
         ips.insert(ip);
     }
     all.sort();
     let dups: Vec<_> = all
         .windows(2)
-        .filter(|w| w[0] == w[1])
-        .map(|w| w[0].clone())
+        .filter(|w| w[0].0 == w[1].0)
+        .map(|w| (w[0].clone(), w[1].1.clone()))
         .collect();
+    for ((ip, a), b) in &dups {
+        for name in [a, b] {
+            let now =
+                serde_json::to_value(machines(&client, &ns).get(name).await.unwrap()).unwrap();
+            eprintln!(
+                "DUP {ip}: machine {name} now has {} uid {} rv {}",
+                ip_of(&now),
+                now["metadata"]["uid"],
+                now["metadata"]["resourceVersion"]
+            );
+        }
+    }
     assert!(dups.is_empty(), "duplicate or missing addresses: {dups:?}");
     assert_eq!(ips.len(), 500);
-    // Sweeps later, past the grace period of the last claims, everything is still there.
-    tokio::time::sleep(Duration::from_secs(12)).await;
+    // Sweeps later, everything is still there.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let created = |v: &Value| {
+        v["metadata"]["creationTimestamp"]
+            .as_str()
+            .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
+    };
+    let claims = objects(&client, &ns, "IPClaim", "ipclaims").await;
+    let mut gaps = Vec::new();
+    for m in machines(&client, &ns)
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+    {
+        let m = serde_json::to_value(m).unwrap();
+        let claim = format!("{ns}-{}-0", m["metadata"]["name"].as_str().unwrap());
+        if let Some(c) = claims
+            .iter()
+            .find(|c| c["metadata"]["name"] == json!(claim))
+            && let (Some(a), Some(b)) = (created(c), created(&m))
+        {
+            gaps.push(b.duration_since(a).as_secs_f64());
+        }
+    }
+    gaps.sort_by(f64::total_cmp);
+    println!(
+        "claim created → machine stored: max {:.0}s over {} machines",
+        gaps.last().copied().unwrap_or(0.0),
+        gaps.len()
+    );
     assert_eq!(count(&client, &ns, "IPClaim", "ipclaims").await, 500);
     let addresses: BTreeSet<String> = objects(&client, &ns, "IPAddress", "ipaddresses")
         .await

@@ -62,6 +62,9 @@ pub fn dev_certs(tag: &str) -> (std::path::PathBuf, String) {
 /// Starts a webhook with `client`'s credentials and registers it for `namespace`.
 pub async fn start(client: &Client, namespace: &str, options: WebhookOptions) -> Webhook {
     let _ = rustls::crypto::ring::default_provider().install_default();
+    if std::env::var_os("RUST_LOG").is_some() {
+        serve::init_logging(cape_static_ip::cli::LogFormat::Text);
+    }
     let (dir, ca_pem) = dev_certs(namespace);
     let running = serve::start(
         client.clone(),
