@@ -174,7 +174,7 @@ fn cluster_role_grants_exactly_what_the_code_uses() {
         (
             "ipam.metal3.io",
             "ipaddresses",
-            set(&["get", "list", "watch", "create", "delete"]),
+            set(&["get", "list", "watch", "create", "delete", "patch"]),
         ),
         (
             "ipam.metal3.io",

@@ -1352,6 +1352,7 @@ pub async fn status_and_metadata_updates_cost_nothing(set: CrdSet) {
         &ns,
         WebhookOptions {
             background: false,
+            use_given_client: true,
             ..Default::default()
         },
     )

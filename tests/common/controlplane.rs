@@ -99,6 +99,7 @@ fn start(set: CrdSet) -> Result<ControlPlane, String> {
     up.arg("--watch").arg(std::process::id().to_string());
     let out = run(&mut up)?;
     eprintln!("{}", out.trim_end());
+    bind_webhook_user(&dir)?;
 
     // DIR/env: `export KEY=VALUE` lines.
     let env = std::fs::read_to_string(dir.join("env")).map_err(|e| format!("reading env: {e}"))?;
@@ -119,6 +120,47 @@ fn start(set: CrdSet) -> Result<ControlPlane, String> {
         webhook_token: var("WEBHOOK_TOKEN")?,
         dir,
     })
+}
+
+/// Binds the shipped ClusterRole (manifests/rbac.yaml, unchanged) to the user `webhook`, so
+/// that the webhook under test runs with exactly the permissions production grants.
+fn bind_webhook_user(dir: &Path) -> Result<(), String> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let role = run(Command::new("python3").arg("-c").arg(
+        "import json,sys,yaml\n\
+         docs=[d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d.get('kind')=='ClusterRole']\n\
+         role=docs[0]\n\
+         binding={'apiVersion':'rbac.authorization.k8s.io/v1','kind':'ClusterRoleBinding',\
+         'metadata':{'name':'cape-static-ip-test-webhook-user'},\
+         'roleRef':{'apiGroup':'rbac.authorization.k8s.io','kind':'ClusterRole','name':role['metadata']['name']},\
+         'subjects':[{'apiGroup':'rbac.authorization.k8s.io','kind':'User','name':'webhook'}]}\n\
+         print(json.dumps({'apiVersion':'v1','kind':'List','items':[role,binding]}))",
+    ).arg(root.join("manifests/rbac.yaml")))?;
+    let bins = run(Command::new("bash")
+        .arg(root.join("hack/controlplane/build.sh"))
+        .arg("--print"))?;
+    let kubectl = bins
+        .lines()
+        .find(|l| l.ends_with("/kubectl"))
+        .ok_or("build.sh --print names no kubectl")?
+        .to_string();
+    let file = dir.join("webhook-rbac.json");
+    std::fs::write(&file, role).map_err(|e| format!("writing {}: {e}", file.display()))?;
+    run(Command::new(kubectl)
+        .arg("--kubeconfig")
+        .arg(dir.join("kubeconfig"))
+        .arg("apply")
+        .arg("-f")
+        .arg(&file))?;
+    Ok(())
+}
+
+/// Every control plane this test binary has started.
+pub fn started() -> Vec<&'static ControlPlane> {
+    [&CURRENT, &LEGACY]
+        .into_iter()
+        .filter_map(|cell| cell.get().and_then(|r| r.as_ref().ok()))
+        .collect()
 }
 
 const DIR_PREFIX: &str = "cape-static-ip-cp-";

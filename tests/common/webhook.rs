@@ -32,6 +32,9 @@ pub struct WebhookOptions {
     pub resync: Duration,
     pub default_pool_namespace: String,
     pub failure_policy: &'static str,
+    /// Run the webhook with the given client's credentials instead of the least-privilege
+    /// user bound to the shipped ClusterRole.
+    pub use_given_client: bool,
 }
 
 impl Default for WebhookOptions {
@@ -42,6 +45,7 @@ impl Default for WebhookOptions {
             resync: Duration::from_secs(300),
             default_pool_namespace: "cape-system".into(),
             failure_policy: "Fail",
+            use_given_client: false,
         }
     }
 }
@@ -66,8 +70,15 @@ pub async fn start(client: &Client, namespace: &str, options: WebhookOptions) ->
         serve::init_logging(cape_static_ip::cli::LogFormat::Text);
     }
     let (dir, ca_pem) = dev_certs(namespace);
+    // The webhook runs as the user bound to manifests/rbac.yaml's ClusterRole: every test
+    // proves those permissions suffice.
+    let started = super::controlplane::started();
+    let webhook_client = match (options.use_given_client, started.as_slice()) {
+        (false, [cp]) => cp.client_as_webhook_user().await,
+        _ => client.clone(),
+    };
     let running = serve::start(
-        client.clone(),
+        webhook_client,
         Options {
             listen: "127.0.0.1:0".parse::<SocketAddr>().unwrap(),
             admin_listen: "127.0.0.1:0".parse().unwrap(),
