@@ -2,8 +2,9 @@
 SHELL := /bin/bash
 include hack/controlplane/cluster.mk
 include hack/release.mk
+include hack/bench.mk
 
-.PHONY: all build run test lint fmt bench clean
+.PHONY: all build run test lint fmt clean
 
 all: build
 
@@ -14,8 +15,10 @@ build:
 run: controlplane
 	@bash hack/run.sh
 
-## test: unit tests, then integration tests on a real kube-apiserver + etcd.
+## test: lint, unit tests, then integration tests on a real kube-apiserver + etcd (and
+## metal3's IPAM controller), all built from their Go modules on first use.
 test: controlplane
+	@bash hack/controlplane/build.sh --metal3 >/dev/null
 	cargo fmt --all -- --check
 	cargo clippy --all-targets -- -D warnings
 	cargo test --all-targets -- --test-threads=4
