@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use kube::runtime::reflector::ObjectRef;
@@ -15,9 +16,11 @@ use crate::cluster::crd::{ElfMachineTemplate, IPAddress, IPClaim, NetworkDevice}
 use crate::cluster::index::PoolUnavailable;
 use crate::cluster::writer::{self, AddressObject, Created};
 use crate::contract::*;
+use crate::events::{self, Events, Note};
 use crate::ipam::allocate::AllocError;
 use crate::ipam::pool::{Pool, address_name};
 use crate::ipam::select::{self, DeviceRequest, PoolKey};
+use crate::metrics::{Metrics, PoolLabels};
 
 /// How many times one device retries after losing an address to another writer (409)
 /// before giving up on a pool.
@@ -114,6 +117,10 @@ pub struct Assigner {
     pub client: Client,
     pub caches: Caches,
     pub default_namespace: String,
+    /// Allocation counters (by pool and result).
+    pub metrics: Arc<Metrics>,
+    /// Events on pools (and machines that exist), published off the request path.
+    pub events: Events,
 }
 
 /// What one request wrote, to give back on failure.
@@ -155,11 +162,82 @@ impl Assigner {
                 Ok(lease) => leases.push(lease),
                 Err(e) => {
                     self.give_back(written).await;
+                    if !dry_run {
+                        self.record_failure(m, &e);
+                    }
                     return Err(e);
                 }
             }
         }
+        if !dry_run {
+            self.record_success(m, &leases);
+        }
         Ok(leases)
+    }
+
+    /// Counts and announces the addresses a request obtained.
+    fn record_success(&self, m: &MachineView<'_>, leases: &[Lease]) {
+        for lease in leases {
+            self.metrics
+                .allocations
+                .get_or_create(&PoolLabels {
+                    pool: lease.pool.to_string(),
+                    result: "allocated".into(),
+                })
+                .inc();
+            let uid = self.pool_uid(&lease.pool);
+            self.events.emit(Note {
+                regarding: events::pool_ref(&lease.pool.namespace, &lease.pool.name, uid),
+                warning: false,
+                reason: "Allocated",
+                action: "Allocate",
+                message: format!(
+                    "{} to ElfMachine {}/{} device {} (IPClaim {})",
+                    lease.address, m.namespace, m.name, lease.device, lease.claim
+                ),
+            });
+        }
+    }
+
+    /// Counts a failed request, and announces a full pool on the pool itself.
+    fn record_failure(&self, m: &MachineView<'_>, e: &AssignError) {
+        let AssignError::Exhausted { tried, .. } = e else {
+            self.metrics
+                .allocations
+                .get_or_create(&PoolLabels {
+                    pool: String::new(),
+                    result: "denied".into(),
+                })
+                .inc();
+            return;
+        };
+        for key in tried.split(", ").filter_map(|k| k.split_once('/')) {
+            self.metrics
+                .allocations
+                .get_or_create(&PoolLabels {
+                    pool: format!("{}/{}", key.0, key.1),
+                    result: "exhausted".into(),
+                })
+                .inc();
+            let uid = self.pool_uid(&PoolKey {
+                namespace: key.0.into(),
+                name: key.1.into(),
+            });
+            self.events.emit(Note {
+                regarding: events::pool_ref(key.0, key.1, uid),
+                warning: true,
+                reason: "Exhausted",
+                action: "Allocate",
+                message: format!("no free address for ElfMachine {}/{}", m.namespace, m.name),
+            });
+        }
+    }
+
+    fn pool_uid(&self, key: &PoolKey) -> Option<String> {
+        self.caches
+            .pools
+            .get(&ObjectRef::new(&key.name).within(&key.namespace))
+            .and_then(|p| p.uid())
     }
 
     /// The labels of the machine's ElfMachineTemplate (annotation `cloned-from-name`), from

@@ -8,6 +8,7 @@ pub mod certs;
 pub mod cli;
 pub mod cluster;
 pub mod contract;
+pub mod events;
 pub mod http;
 pub mod ipam;
 pub mod metrics;

@@ -17,6 +17,7 @@ use tokio::task::JoinSet;
 use crate::assign::Assigner;
 use crate::cli::{LogFormat, ServeArgs};
 use crate::cluster::cache::Caches;
+use crate::events::Events;
 use crate::http::{AppState, admin_router, webhook_router};
 use crate::metrics::Metrics;
 use crate::sweeper::{Sweeper, SweeperOptions};
@@ -77,10 +78,13 @@ pub async fn start(client: Client, options: Options) -> anyhow::Result<Running> 
     let metrics = Arc::new(Metrics::default());
     let mut tasks = JoinSet::new();
     let caches = Caches::start(&client, &mut tasks);
+    let events = Events::start(client.clone(), &mut tasks);
     let assigner = Assigner {
         client: client.clone(),
         caches,
         default_namespace: default_pool_namespace,
+        metrics: metrics.clone(),
+        events,
     };
     let state = AppState {
         assigner: assigner.clone(),

@@ -28,6 +28,7 @@ use crate::assign::{Assigner, MachineView, needs_address, owner_labels};
 use crate::cluster::crd::{ElfMachine, IPAddress, IPClaim, IPPool};
 use crate::cluster::writer;
 use crate::contract::*;
+use crate::events::{self, Note};
 use crate::metrics::{Metrics, PoolLabels};
 use crate::patch::{self, Extras};
 
@@ -223,6 +224,16 @@ impl Sweeper {
             self.release_claim(claim).await?;
         }
         remove_finalizer(&self.assigner.client, &machine).await?;
+        self.assigner.events.emit(Note {
+            regarding: events::machine_ref(&ns, &name, machine.uid()),
+            warning: false,
+            reason: "AddressesReleased",
+            action: "Release",
+            message: format!(
+                "{} IPClaim(s) released; finalizer {STATIC_IP_FINALIZER} removed",
+                claims.len()
+            ),
+        });
         tracing::info!(machine = %machine_key(&ns, &name), claims = claims.len(), "released");
         Ok(())
     }
@@ -306,6 +317,19 @@ impl Sweeper {
                 result: "released".into(),
             })
             .inc();
+        let uid = self
+            .assigner
+            .caches
+            .pools
+            .get(&ObjectRef::new(&pool).within(&ns))
+            .and_then(|p| p.uid());
+        self.assigner.events.emit(Note {
+            regarding: events::pool_ref(&ns, &pool, uid),
+            warning: false,
+            reason: "Released",
+            action: "Release",
+            message: format!("IPClaim {name} and its addresses {}", addresses.join(", ")),
+        });
         Ok(())
     }
 
@@ -373,6 +397,17 @@ impl Sweeper {
             .await
             .map_err(api_err(&ns, &name))?;
         tracing::info!(machine = %machine_key(&ns, &name), devices = leases.len(), "addresses assigned outside admission");
+        self.assigner.events.emit(Note {
+            regarding: events::machine_ref(&ns, &name, uid.clone()),
+            warning: false,
+            reason: "AddressesAssigned",
+            action: "Allocate",
+            message: leases
+                .iter()
+                .map(|l| format!("device {}: {}", l.device, l.address))
+                .collect::<Vec<_>>()
+                .join(", "),
+        });
         Ok(())
     }
 

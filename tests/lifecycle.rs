@@ -76,6 +76,24 @@ async fn release_waits_for_capes_finalizer_then_frees_the_address() {
         assert_eq!(count(&client, &ns, "IPClaim", "ipclaims").await, 0);
         assert_eq!(count(&client, &ns, "IPAddress", "ipaddresses").await, 0);
     }
+    // Operators see it on the pool: Allocated and Released events (published off the
+    // request path, so eventually).
+    eventually(Duration::from_secs(10), "pool events", || async {
+        let events =
+            kube::Api::<k8s_openapi::api::events::v1::Event>::namespaced(client.clone(), &ns)
+                .list(&ListParams::default())
+                .await
+                .unwrap()
+                .items;
+        let on_pool = |reason: &str| {
+            events.iter().any(|e| {
+                e.reason.as_deref() == Some(reason)
+                    && e.regarding.as_ref().and_then(|r| r.kind.as_deref()) == Some("IPPool")
+            })
+        };
+        on_pool("Allocated") && on_pool("Released")
+    })
+    .await;
     latencies.sort_by(f64::total_cmp);
     println!(
         "release latency after CAPE's finalizer removal over {} machines: p50 {:.0} ms, p99 {:.0} ms",
