@@ -86,6 +86,8 @@ async fn start_webhook(client: &Client, certs: &Path) -> InProcess {
             client: client.clone(),
             caches,
             default_namespace: "cape-system".into(),
+            metrics: Arc::new(Metrics::default()),
+            events: Default::default(),
         },
         metrics: Arc::new(Metrics::default()),
         stopping: Arc::new(AtomicBool::new(false)),
@@ -334,7 +336,8 @@ async fn floor(client: &Client, ns: &str, prefix: &str, n: usize, concurrency: u
         let name = format!("{prefix}-{i:04}");
         async move {
             let t = Instant::now();
-            let ip = format!("10.99.{}.{}", i / 250, i % 250 + 1);
+            let k = i + if prefix == "fb" { 1000 } else { 0 };
+            let ip = format!("10.99.{}.{}", k / 250, k % 250 + 1);
             let addr_name = format!("floor-{}", ip.replace('.', "-"));
             let claim_name = format!("{ns}-{name}-0");
             let labels = json!({"cluster.x-k8s.io/ip-owner-name": format!("{ns}-{name}"),
