@@ -57,7 +57,7 @@ async fn a_create_denied_later_leaves_a_claim_that_is_swept_after_the_grace_peri
     let cp = shared(CrdSet::Current);
     let client = cp.client().await;
     let ns = temp_namespace(&client, "grace").await;
-    let grace = Duration::from_secs(4);
+    let grace = Duration::from_secs(10);
     let hook = webhook::start(
         &client,
         &ns,
