@@ -52,6 +52,44 @@ pub fn generate(hosts: &[String], days: i64) -> Result<DevCerts, CertsError> {
     let ca_cert = ca.self_signed(&ca_key)?;
     let issuer = Issuer::new(ca, &ca_key);
 
+    let (cert, key) = sign_leaf(&issuer, hosts, days)?;
+    Ok(DevCerts {
+        ca_cert: ca_cert.pem(),
+        ca_key: ca_key.serialize_pem(),
+        cert,
+        key,
+    })
+}
+
+/// Signs a new serving certificate for `hosts`, valid for `days`, with an existing CA (PEM
+/// certificate and key, as written by [`write`] or by cert-manager into a Secret's `ca.crt`):
+/// a rotation keeps the CA (the webhook configuration's `caBundle`) and replaces the leaf.
+/// The returned set carries the given CA.
+pub fn generate_leaf(
+    ca_cert_pem: &str,
+    ca_key_pem: &str,
+    hosts: &[String],
+    days: i64,
+) -> Result<DevCerts, CertsError> {
+    let ca_key = KeyPair::from_pem(ca_key_pem)?;
+    let issuer = Issuer::from_ca_cert_pem(ca_cert_pem, &ca_key)?;
+    let (cert, key) = sign_leaf(&issuer, hosts, days)?;
+    Ok(DevCerts {
+        ca_cert: ca_cert_pem.to_owned(),
+        ca_key: ca_key_pem.to_owned(),
+        cert,
+        key,
+    })
+}
+
+/// A serving certificate (PEM certificate, PEM key) for `hosts` signed by `issuer`: IP
+/// addresses become IP SANs, other names DNS SANs; valid from an hour ago for `days`.
+fn sign_leaf(
+    issuer: &Issuer<'_, &KeyPair>,
+    hosts: &[String],
+    days: i64,
+) -> Result<(String, String), CertsError> {
+    let now = OffsetDateTime::now_utc();
     let mut leaf = CertificateParams::new(hosts.to_vec())?;
     leaf.distinguished_name = DistinguishedName::new();
     leaf.distinguished_name.push(
@@ -69,13 +107,8 @@ pub fn generate(hosts: &[String], days: i64) -> Result<DevCerts, CertsError> {
     leaf.not_before = now - Duration::hours(1);
     leaf.not_after = now + Duration::days(days);
     let key = KeyPair::generate()?;
-    let cert = leaf.signed_by(&key, &issuer)?;
-    Ok(DevCerts {
-        ca_cert: ca_cert.pem(),
-        ca_key: ca_key.serialize_pem(),
-        cert: cert.pem(),
-        key: key.serialize_pem(),
-    })
+    let cert = leaf.signed_by(&key, issuer)?;
+    Ok((cert.pem(), key.serialize_pem()))
 }
 
 /// Writes `ca.crt`, `ca.key`, `tls.crt` and `tls.key` into `dir` (keys readable by the
@@ -133,5 +166,24 @@ mod tests {
             .general_names
             .len();
         assert_eq!(sans, 2);
+    }
+
+    #[test]
+    fn leaf_signed_by_an_existing_ca_chains_to_it() {
+        let first = generate(&["127.0.0.1".into()], 30).unwrap();
+        let next = generate_leaf(&first.ca_cert, &first.ca_key, &["127.0.0.1".into()], 45).unwrap();
+        assert_eq!(next.ca_cert, first.ca_cert);
+        assert_ne!(next.cert, first.cert);
+        assert_ne!(next.key, first.key);
+        let der = |pem: &str| -> rustls::pki_types::CertificateDer<'static> {
+            rustls::pki_types::pem::PemObject::from_pem_slice(pem.as_bytes()).unwrap()
+        };
+        let (ca, leaf) = (der(&first.ca_cert), der(&next.cert));
+        let (_, ca) = x509_parser::parse_x509_certificate(ca.as_ref()).unwrap();
+        let (_, leaf) = x509_parser::parse_x509_certificate(leaf.as_ref()).unwrap();
+        assert_eq!(leaf.issuer().as_raw(), ca.subject().as_raw());
+        leaf.verify_signature(Some(ca.public_key())).unwrap();
+        let in_45_days = OffsetDateTime::now_utc().unix_timestamp() + 45 * 86400;
+        assert!((leaf.validity().not_after.timestamp() - in_45_days).abs() < 60);
     }
 }

@@ -35,6 +35,17 @@ pub struct WebhookOptions {
     /// Run the webhook with the given client's credentials instead of the least-privilege
     /// user bound to the shipped ClusterRole.
     pub use_given_client: bool,
+    /// Serve these files instead of a fresh dev pair (for example a kubelet-style `..data`
+    /// layout that a test rotates); `certs_dir` is then the certificate file's directory.
+    pub tls: Option<TlsFiles>,
+}
+
+/// A serving certificate and key on disk, and the CA (PEM) that signed the certificate.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    pub ca_pem: String,
 }
 
 impl Default for WebhookOptions {
@@ -46,6 +57,7 @@ impl Default for WebhookOptions {
             default_pool_namespace: "cape-system".into(),
             failure_policy: "Fail",
             use_given_client: false,
+            tls: None,
         }
     }
 }
@@ -69,7 +81,19 @@ pub async fn start(client: &Client, namespace: &str, options: WebhookOptions) ->
     if std::env::var_os("RUST_LOG").is_some() {
         serve::init_logging(cape_static_ip::cli::LogFormat::Text);
     }
-    let (dir, ca_pem) = dev_certs(namespace);
+    let (dir, ca_pem, cert_file, key_file) = match &options.tls {
+        None => {
+            let (dir, ca_pem) = dev_certs(namespace);
+            let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+            (dir, ca_pem, cert, key)
+        }
+        Some(tls) => (
+            tls.cert.parent().expect("a certificate file").to_path_buf(),
+            tls.ca_pem.clone(),
+            tls.cert.clone(),
+            tls.key.clone(),
+        ),
+    };
     // The webhook runs as the user bound to manifests/rbac.yaml's ClusterRole: every test
     // proves those permissions suffice.
     let started = super::controlplane::started();
@@ -82,8 +106,8 @@ pub async fn start(client: &Client, namespace: &str, options: WebhookOptions) ->
         Options {
             listen: "127.0.0.1:0".parse::<SocketAddr>().unwrap(),
             admin_listen: "127.0.0.1:0".parse().unwrap(),
-            tls_cert_file: dir.join("tls.crt"),
-            tls_key_file: dir.join("tls.key"),
+            tls_cert_file: cert_file,
+            tls_key_file: key_file,
             default_pool_namespace: options.default_pool_namespace.clone(),
             resync: options.resync,
             claim_grace: options.claim_grace,
