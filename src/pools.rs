@@ -41,14 +41,7 @@ pub async fn run(args: PoolsArgs) -> anyhow::Result<()> {
     };
     let mut used: HashMap<(String, String), Vec<std::net::Ipv4Addr>> = HashMap::new();
     for a in &addresses {
-        let ns = a.namespace().unwrap_or_default();
-        let pool_ns = a
-            .spec
-            .pool
-            .namespace
-            .clone()
-            .filter(|n| !n.is_empty())
-            .unwrap_or(ns);
+        let pool_ns = a.pool_namespace();
         if let (Some(pool), Ok(ip)) = (a.spec.pool.name.clone(), a.spec.address.parse()) {
             used.entry((pool_ns, pool)).or_default().push(ip);
         }

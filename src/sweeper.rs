@@ -522,13 +522,7 @@ impl Sweeper {
                 continue;
             }
             let ns = address.namespace().unwrap_or_default();
-            let claim_ns = address
-                .spec
-                .claim
-                .namespace
-                .clone()
-                .filter(|n| !n.is_empty())
-                .unwrap_or_else(|| ns.clone());
+            let claim_ns = address.claim_namespace();
             let Some(claim) = address.spec.claim.name.clone() else {
                 continue;
             };
@@ -599,14 +593,7 @@ impl Sweeper {
     async fn update_pool_status(&self) {
         let mut wanted: HashMap<(String, String), BTreeMap<String, String>> = HashMap::new();
         for a in self.assigner.caches.addresses.state() {
-            let ns = a.namespace().unwrap_or_default();
-            let pool_ns = a
-                .spec
-                .pool
-                .namespace
-                .clone()
-                .filter(|n| !n.is_empty())
-                .unwrap_or(ns);
+            let pool_ns = a.pool_namespace();
             let (Some(pool), Some(claim)) = (a.spec.pool.name.clone(), a.spec.claim.name.clone())
             else {
                 continue;

@@ -118,6 +118,27 @@ pub struct IPAddressSpec {
     pub claim: ObjectReference,
 }
 
+impl IPAddress {
+    /// The pool's namespace: `spec.pool.namespace`, else the address's own.
+    pub fn pool_namespace(&self) -> String {
+        or_own_namespace(&self.spec.pool, self)
+    }
+
+    /// The claim's namespace: `spec.claim.namespace`, else the address's own.
+    pub fn claim_namespace(&self) -> String {
+        or_own_namespace(&self.spec.claim, self)
+    }
+}
+
+fn or_own_namespace(reference: &ObjectReference, address: &IPAddress) -> String {
+    reference
+        .namespace
+        .clone()
+        .filter(|ns| !ns.is_empty())
+        .or_else(|| address.metadata.namespace.clone())
+        .unwrap_or_default()
+}
+
 /// CAPE `ElfMachine`: only the network part is modelled.
 #[derive(CustomResource, Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
 #[kube(

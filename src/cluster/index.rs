@@ -216,25 +216,13 @@ impl Inner {
             self.forget_object(&id);
             return;
         };
-        let pool_ns = address
-            .spec
-            .pool
-            .namespace
-            .clone()
-            .filter(|ns| !ns.is_empty())
-            .unwrap_or_else(|| id.0.clone());
+        let pool_ns = address.pool_namespace();
         let key = PoolKey {
             namespace: pool_ns,
             name: address.spec.pool.name.clone().unwrap_or_default(),
         };
         let claim = (
-            address
-                .spec
-                .claim
-                .namespace
-                .clone()
-                .filter(|ns| !ns.is_empty())
-                .unwrap_or_else(|| id.0.clone()),
+            address.claim_namespace(),
             address.spec.claim.name.clone().unwrap_or_default(),
         );
         if self.objects.get(&id) == Some(&(key.clone(), ip, claim.clone())) {
