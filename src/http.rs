@@ -19,7 +19,7 @@ use serde_json::Value;
 
 use crate::admission;
 use crate::assign::Assigner;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, PoolOnly};
 
 /// The path the MutatingWebhookConfiguration calls.
 pub const MUTATE_PATH: &str = "/mutate-elfmachine";
@@ -68,6 +68,24 @@ async fn metrics(State(state): State<AppState>) -> Response {
         .metrics
         .caches_synced
         .set(i64::from(state.assigner.caches.ready()));
+    // Pool gauges are read from the index at scrape time: nothing to keep in step.
+    state.metrics.pool_used.clear();
+    state.metrics.pool_free.clear();
+    for (pool, used, free) in state.assigner.caches.index.usage() {
+        let labels = PoolOnly {
+            pool: pool.to_string(),
+        };
+        state
+            .metrics
+            .pool_used
+            .get_or_create(&labels)
+            .set(used as i64);
+        state
+            .metrics
+            .pool_free
+            .get_or_create(&labels)
+            .set(free as i64);
+    }
     (
         [(
             header::CONTENT_TYPE,

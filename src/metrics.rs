@@ -25,6 +25,13 @@ pub struct PoolLabels {
     pub result: String,
 }
 
+/// Labels of a per-pool gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolOnly {
+    /// `namespace/name` of the pool.
+    pub pool: String,
+}
+
 fn review_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0005, 2.0, 16))
 }
@@ -37,6 +44,8 @@ pub struct Metrics {
     pub releases: Family<PoolLabels, Counter>,
     pub caches_synced: Gauge,
     pub certificate_expiry: Gauge,
+    pub pool_used: Family<PoolOnly, Gauge>,
+    pub pool_free: Family<PoolOnly, Gauge>,
 }
 
 impl Default for Metrics {
@@ -49,6 +58,18 @@ impl Default for Metrics {
         let releases = Family::<PoolLabels, Counter>::default();
         let caches_synced = Gauge::default();
         let certificate_expiry = Gauge::default();
+        let pool_used = Family::<PoolOnly, Gauge>::default();
+        let pool_free = Family::<PoolOnly, Gauge>::default();
+        registry.register(
+            "pool_used_addresses",
+            "Addresses of a pool held by an IPAddress (as the watch cache sees them)",
+            pool_used.clone(),
+        );
+        registry.register(
+            "pool_free_addresses",
+            "Addresses of a pool still free to allocate",
+            pool_free.clone(),
+        );
         registry.register(
             "admission_duration_seconds",
             "Time to answer an AdmissionReview",
@@ -81,6 +102,8 @@ impl Default for Metrics {
             releases,
             caches_synced,
             certificate_expiry,
+            pool_used,
+            pool_free,
         }
     }
 }

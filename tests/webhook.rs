@@ -142,6 +142,42 @@ async fn one_machine_gets_its_address_route_dns_and_finalizer() {
     assert_eq!(address["spec"]["pool"]["name"], "ip-pool-1");
     assert_eq!(address["spec"]["claim"]["name"], claim_name);
     assert_eq!(address["metadata"]["ownerReferences"][0]["kind"], "IPPool");
+
+    // The admin endpoint: ready, and the pool's gauges and the review histogram are there.
+    let admin = format!("http://{}", hook.running.admin_addr);
+    let http = reqwest::Client::new();
+    assert_eq!(
+        http.get(format!("{admin}/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let metrics = http
+        .get(format!("{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let pool = format!("pool=\"{ns}/ip-pool-1\"");
+    assert!(
+        metrics.contains(&format!("cape_static_ip_pool_used_addresses{{{pool}}} 1")),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!("cape_static_ip_pool_free_addresses{{{pool}}} 10")),
+        "{metrics}"
+    );
+    assert!(metrics.contains("cape_static_ip_admission_duration_seconds_count{operation=\"CREATE\",result=\"patched\"}"), "{metrics}");
+    assert!(
+        metrics.contains(&format!(
+            "cape_static_ip_allocations_total{{{pool},result=\"allocated\"}} 1"
+        )),
+        "{metrics}"
+    );
     hook.stop().await;
 }
 

@@ -154,6 +154,21 @@ impl IpamIndex {
         }
     }
 
+    /// Used and free addresses of every valid pool.
+    pub fn usage(&self) -> Vec<(PoolKey, usize, usize)> {
+        let inner = self.lock();
+        let mut out: Vec<(PoolKey, usize, usize)> = inner
+            .pools
+            .iter()
+            .filter_map(|(k, slot)| match slot {
+                Slot::Valid(s) => Some((k.clone(), s.used(), s.free())),
+                Slot::Invalid(_) => None,
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
     /// The IPAddress objects whose `spec.claim` names this claim.
     pub fn addresses_of_claim(&self, namespace: &str, claim: &str) -> Vec<AddressOfClaim> {
         self.lock()
