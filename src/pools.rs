@@ -116,3 +116,49 @@ pub fn render(
         .collect::<Vec<_>>()
         .join("\n")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::crd::{IPPoolRange, IPPoolSpec};
+
+    fn pool(name: &str, start: &str, end: &str) -> IPPool {
+        let mut p = IPPool::new(
+            name,
+            IPPoolSpec {
+                name_prefix: name.into(),
+                pools: vec![IPPoolRange {
+                    start: Some(start.into()),
+                    end: Some(end.into()),
+                    ..Default::default()
+                }],
+                prefix: Some(24),
+                ..Default::default()
+            },
+        );
+        p.metadata.namespace = Some("default".into());
+        p
+    }
+
+    #[test]
+    fn table_counts_used_free_claims_and_names_problems() {
+        let pools = [
+            pool("a", "10.0.0.10", "10.0.0.19"),
+            pool("b", "10.0.0.30", "10.0.0.20"),
+        ];
+        let used = HashMap::from([(
+            ("default".to_string(), "a".to_string()),
+            vec!["10.0.0.10".parse().unwrap(), "10.0.0.11".parse().unwrap()],
+        )]);
+        let claims = HashMap::from([(("default".to_string(), "a".to_string()), 2)]);
+        let table = render(&pools, &used, &claims);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 3, "{table}");
+        let a: Vec<&str> = lines[1].split_whitespace().collect();
+        assert_eq!(a, ["default", "a", "10", "2", "8", "2"]);
+        assert!(
+            lines[2].contains("start 10.0.0.30 is after end 10.0.0.20"),
+            "{table}"
+        );
+    }
+}
