@@ -10,6 +10,7 @@ use common::webhook::{
     self, WebhookOptions, capi_machine, create, dynamic, machines, pool, template,
 };
 use kube::api::ListParams;
+use rustls::pki_types::pem::PemObject;
 use serde_json::{Value, json};
 
 const FINALIZER: &str = "elfmachinestaticip.infrastructure.cluster.x-k8s.io";
@@ -352,4 +353,81 @@ async fn wait_for_pool(hook: &webhook::Webhook, ns: &str, name: &str) {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     panic!("pool {ns}/{name} never reached the cache");
+}
+
+#[tokio::test]
+async fn shutdown_turns_not_ready_keeps_answering_for_the_delay_then_stops() {
+    let cp = shared(CrdSet::Current);
+    let client = cp.client().await;
+    let (dir, ca_pem) = webhook::dev_certs("shutdown");
+    let running = cape_static_ip::serve::start(
+        client,
+        cape_static_ip::serve::Options {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            admin_listen: "127.0.0.1:0".parse().unwrap(),
+            tls_cert_file: dir.join("tls.crt"),
+            tls_key_file: dir.join("tls.key"),
+            default_pool_namespace: "cape-system".into(),
+            resync: std::time::Duration::from_secs(300),
+            claim_grace: std::time::Duration::from_secs(120),
+            cert_reload: std::time::Duration::from_secs(2),
+            drain: std::time::Duration::from_secs(5),
+            shutdown_delay: std::time::Duration::from_millis(1500),
+            background: false,
+        },
+    )
+    .await
+    .unwrap();
+    running.ready().await;
+    let admin = format!("http://{}/readyz", running.admin_addr);
+    let mutate = format!("https://{}/mutate-elfmachine", running.webhook_addr);
+    let http = reqwest::Client::builder()
+        .use_preconfigured_tls(
+            rustls::ClientConfig::builder()
+                .with_root_certificates({
+                    let mut roots = rustls::RootCertStore::empty();
+                    for c in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+                        roots.add(c.unwrap()).unwrap();
+                    }
+                    roots
+                })
+                .with_no_client_auth(),
+        )
+        .build()
+        .unwrap();
+    let fixture = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/dhcp-and-ipv4.json"
+    ))
+    .unwrap();
+    assert_eq!(http.get(&admin).send().await.unwrap().status(), 200);
+
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(running.run_until(async {
+        let _ = rx.await;
+    }));
+    tx.send(()).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // Not ready any more, but reviews are still answered during the delay.
+    assert_eq!(http.get(&admin).send().await.unwrap().status(), 503);
+    let answer = http
+        .post(&mutate)
+        .body(fixture.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    let review: Value = answer.json().await.unwrap();
+    assert!(review["response"]["uid"].is_string(), "{review}");
+    // Then the listener closes and the server returns.
+    tokio::time::timeout(std::time::Duration::from_secs(10), server)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(
+        http.post(&mutate).body(fixture).send().await.is_err(),
+        "still accepting after shutdown"
+    );
+    let _ = std::fs::remove_dir_all(dir);
 }
