@@ -18,6 +18,7 @@ run: controlplane
 ## test: lint, unit tests, then integration tests on a real kube-apiserver + etcd (and
 ## metal3's IPAM controller), all built from their Go modules on first use.
 test: controlplane
+	@python3 -c 'import yaml' 2>/dev/null || python3 -m pip install --quiet pyyaml
 	@bash hack/controlplane/build.sh --metal3 >/dev/null
 	cargo fmt --all -- --check
 	cargo clippy --all-targets -- -D warnings
