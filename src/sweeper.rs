@@ -29,6 +29,8 @@ use crate::cluster::crd::{ElfMachine, IPAddress, IPClaim, IPPool};
 use crate::cluster::writer;
 use crate::contract::*;
 use crate::events::{self, Note};
+use crate::ipam::pool::address_name;
+use crate::ipam::select::PoolKey;
 use crate::metrics::{Metrics, PoolLabels};
 use crate::patch::{self, Extras};
 
@@ -193,35 +195,37 @@ impl Sweeper {
             None => c.creation_timestamp().is_none_or(|t| t.0 <= deleted_at.0),
         };
         let devices = machine.spec.network.devices.len();
-        let mut claims: Vec<Arc<IPClaim>> = self
+        // Candidates by name: what the cache knows, and for devices it knows nothing of, the
+        // claim name in every namespace that has a pool (the cache may lag behind a claim
+        // written an instant ago). Each is then decided on its live object.
+        let mut candidates: Vec<(String, String)> = self
             .claims_of(&ns, &name, devices)
-            .into_iter()
-            .filter(|c| owned(c))
+            .iter()
+            .map(|c| (c.namespace().unwrap_or_default(), c.name_any()))
             .collect();
-        // The cache may lag behind a claim written an instant ago: read live by name too.
         for i in 0..devices {
             let claim = claim_name(&ns, &name, i);
+            if candidates.iter().any(|(_, n)| *n == claim) {
+                continue;
+            }
             for pool_ns in self.claim_namespaces(&ns) {
-                if claims
-                    .iter()
-                    .any(|c| c.name_any() == claim && c.namespace().as_deref() == Some(&pool_ns))
-                {
-                    continue;
-                }
-                if let Some(c) = writer::get_claim(&self.assigner.client, &pool_ns, &claim)
-                    .await
-                    .map_err(api(format!("reading IPClaim {pool_ns}/{claim}")))?
-                    && c.annotations()
-                        .get(ANNOTATION_MACHINE)
-                        .is_none_or(|o| *o == machine_key(&ns, &name))
-                    && owned(&c)
-                {
-                    claims.push(Arc::new(c));
-                }
+                candidates.push((pool_ns, claim.clone()));
             }
         }
-        for claim in &claims {
-            self.release_claim(claim).await?;
+        let mut released = 0;
+        for (claim_ns, claim) in &candidates {
+            let live = writer::get_claim(&self.assigner.client, claim_ns, claim)
+                .await
+                .map_err(api(format!("reading IPClaim {claim_ns}/{claim}")))?;
+            if let Some(c) = live
+                && c.annotations()
+                    .get(ANNOTATION_MACHINE)
+                    .is_none_or(|o| *o == machine_key(&ns, &name))
+                && owned(&c)
+            {
+                self.release_claim(&c, true).await?;
+                released += 1;
+            }
         }
         remove_finalizer(&self.assigner.client, &machine).await?;
         self.assigner.events.emit(Note {
@@ -230,11 +234,10 @@ impl Sweeper {
             reason: "AddressesReleased",
             action: "Release",
             message: format!(
-                "{} IPClaim(s) released; finalizer {STATIC_IP_FINALIZER} removed",
-                claims.len()
+                "{released} IPClaim(s) released; finalizer {STATIC_IP_FINALIZER} removed"
             ),
         });
-        tracing::info!(machine = %machine_key(&ns, &name), claims = claims.len(), "released");
+        tracing::info!(machine = %machine_key(&ns, &name), claims = released, "released");
         Ok(())
     }
 
@@ -255,7 +258,7 @@ impl Sweeper {
     }
 
     /// Deletes one claim and every address that names it.
-    async fn release_claim(&self, claim: &IPClaim) -> Result<(), SweepError> {
+    async fn release_claim(&self, claim: &IPClaim, is_live: bool) -> Result<(), SweepError> {
         let ns = claim.namespace().unwrap_or_default();
         let name = claim.name_any();
         let pool = claim.spec.pool.name.clone().unwrap_or_default();
@@ -267,7 +270,21 @@ impl Sweeper {
             .into_iter()
             .map(|a| a.name)
             .collect();
-        if let Some(a) = claim
+        // The caches may not show the address yet (a claim released an instant after it
+        // was made): read the claim live, and derive the address's name from the requested
+        // IP, so that no address outlives its claim until the grace period.
+        let client = &self.assigner.client;
+        let live = if is_live {
+            Some(claim.clone())
+        } else {
+            writer::get_claim(client, &ns, &name)
+                .await
+                .map_err(api(format!("reading IPClaim {ns}/{name}")))?
+        };
+        let Some(live) = live.filter(|l| l.uid() == claim.uid()) else {
+            return Ok(());
+        };
+        if let Some(a) = live
             .status
             .as_ref()
             .and_then(|s| s.address.as_ref())
@@ -276,21 +293,48 @@ impl Sweeper {
         {
             addresses.push(a);
         }
+        let derived = live
+            .annotations()
+            .get(METAL3_REQUESTED_IP)
+            .and_then(|ip| ip.parse::<std::net::Ipv4Addr>().ok())
+            .and_then(|ip| {
+                let key = PoolKey {
+                    namespace: ns.clone(),
+                    name: pool.clone(),
+                };
+                self.assigner
+                    .caches
+                    .index
+                    .with_pool(&key, |s| address_name(&s.pool().name_prefix, ip))
+                    .ok()
+            });
+        if let Some(derived) = derived
+            && !addresses.contains(&derived)
+            && let Some(a) = writer::get_address(client, &ns, &derived)
+                .await
+                .map_err(api(format!("reading IPAddress {ns}/{derived}")))?
+            && a.spec.claim.name.as_deref() == Some(name.as_str())
+        {
+            addresses.push(derived);
+        }
         // The claim first: metal3's controller, when it runs, must not see a live claim
         // without an address (it would allocate a new one).
-        let client = &self.assigner.client;
         tracing::debug!(claim = %format!("{ns}/{name}"), "releasing claim");
-        match writer::delete_claim(client, &ns, &name, claim.uid().as_deref()).await {
-            Ok(_) => {}
-            // The precondition failed: the claim was replaced meanwhile; leave the new one
-            // and its address alone.
-            Err(kube::Error::Api(s)) if s.code == 409 => return Ok(()),
-            Err(e) => return Err(api(format!("deleting IPClaim {ns}/{name}"))(e)),
-        }
+        let claim_state =
+            match writer::delete_claim(client, &ns, &name, claim.uid().as_deref()).await {
+                Ok(state) => state,
+                // The precondition failed: the claim was replaced meanwhile; leave the new one
+                // and its address alone.
+                Err(kube::Error::Api(s)) if s.code == 409 => return Ok(()),
+                Err(e) => return Err(api(format!("deleting IPClaim {ns}/{name}"))(e)),
+            };
         for address in &addresses {
-            writer::delete_address(client, &ns, address, None)
+            let state = writer::delete_address(client, &ns, address, None)
                 .await
                 .map_err(api(format!("deleting IPAddress {ns}/{address}")))?;
+            if state != writer::Deleted::Finalizing {
+                continue;
+            }
             writer::drop_finalizers(
                 &Api::<IPAddress>::namespaced(client.clone(), &ns),
                 address,
@@ -301,15 +345,17 @@ impl Sweeper {
                 "removing metal3's finalizer from IPAddress {ns}/{address}"
             )))?;
         }
-        writer::drop_finalizers(
-            &Api::<IPClaim>::namespaced(client.clone(), &ns),
-            &name,
-            &[METAL3_CLAIM_FINALIZER],
-        )
-        .await
-        .map_err(api(format!(
-            "removing metal3's finalizer from IPClaim {ns}/{name}"
-        )))?;
+        if claim_state == writer::Deleted::Finalizing {
+            writer::drop_finalizers(
+                &Api::<IPClaim>::namespaced(client.clone(), &ns),
+                &name,
+                &[METAL3_CLAIM_FINALIZER],
+            )
+            .await
+            .map_err(api(format!(
+                "removing metal3's finalizer from IPClaim {ns}/{name}"
+            )))?;
+        }
         self.metrics
             .releases
             .get_or_create(&PoolLabels {
@@ -501,7 +547,7 @@ impl Sweeper {
                 }
             };
             if still_stale {
-                match self.release_claim(&claim).await {
+                match self.release_claim(&claim, false).await {
                     Ok(()) => {
                         tracing::info!(claim = %format!("{}/{}", claim.namespace().unwrap_or_default(), claim.name_any()), machine = %owner, "released a claim whose machine is gone")
                     }
@@ -641,36 +687,50 @@ fn api_err(ns: &str, name: &str) -> impl FnOnce(kube::Error) -> SweepError {
 async fn remove_finalizer(client: &kube::Client, machine: &ElfMachine) -> Result<(), SweepError> {
     let ns = machine.namespace().unwrap_or_default();
     let name = machine.name_any();
-    let Some(at) = machine
-        .finalizers()
-        .iter()
-        .position(|f| f == STATIC_IP_FINALIZER)
-    else {
-        return Ok(());
+    let api = Api::<ElfMachine>::namespaced(client.clone(), &ns);
+    let failed = |source| SweepError::Api {
+        action: format!("removing our finalizer from ElfMachine {ns}/{name}"),
+        source,
     };
-    let path = format!("/metadata/finalizers/{at}");
-    let patch = Patch(vec![
-        PatchOperation::Test(TestOperation {
-            path: path.parse().expect("valid pointer"),
-            value: json!(STATIC_IP_FINALIZER),
-        }),
-        PatchOperation::Remove(RemoveOperation {
-            path: path.parse().expect("valid pointer"),
-        }),
-    ]);
-    match Api::<ElfMachine>::namespaced(client.clone(), &ns)
-        .patch(
-            &name,
-            &PatchParams::default(),
-            &KubePatch::Json::<()>(patch),
-        )
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-        Err(e) => Err(SweepError::Api {
-            action: format!("removing our finalizer from ElfMachine {ns}/{name}"),
-            source: e,
-        }),
+    let mut finalizers = machine.finalizers().to_vec();
+    // Another replica or CAPE may change the list meanwhile (the `test` then fails): re-read
+    // and try again at once rather than waiting for the retry backoff.
+    for _ in 0..3 {
+        let Some(at) = finalizers.iter().position(|f| f == STATIC_IP_FINALIZER) else {
+            return Ok(());
+        };
+        let path = format!("/metadata/finalizers/{at}");
+        let patch = Patch(vec![
+            PatchOperation::Test(TestOperation {
+                path: path.parse().expect("valid pointer"),
+                value: json!(STATIC_IP_FINALIZER),
+            }),
+            PatchOperation::Remove(RemoveOperation {
+                path: path.parse().expect("valid pointer"),
+            }),
+        ]);
+        match api
+            .patch(
+                &name,
+                &PatchParams::default(),
+                &KubePatch::Json::<()>(patch),
+            )
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 404 => return Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 422 || s.code == 409 => {
+                match api.get_opt(&name).await.map_err(failed)? {
+                    Some(live) if live.uid() == machine.uid() => {
+                        finalizers = live.finalizers().to_vec()
+                    }
+                    _ => return Ok(()),
+                }
+            }
+            Err(e) => return Err(failed(e)),
+        }
     }
+    Err(failed(kube::Error::Api(Box::new(
+        kube::core::Status::failure("the finalizer list kept changing", "Conflict"),
+    ))))
 }

@@ -159,14 +159,24 @@ pub async fn get_address(
         .await
 }
 
-/// Deletes a claim (optionally only if it is still the object with `uid`). Returns whether
-/// it existed.
+/// What a delete found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deleted {
+    /// There was no such object.
+    Missing,
+    /// The object is gone.
+    Gone,
+    /// The object is being deleted but waits for finalizers.
+    Finalizing,
+}
+
+/// Deletes a claim (optionally only if it is still the object with `uid`).
 pub async fn delete_claim(
     client: &Client,
     namespace: &str,
     name: &str,
     uid: Option<&str>,
-) -> Result<bool, kube::Error> {
+) -> Result<Deleted, kube::Error> {
     delete(
         Api::<IPClaim>::namespaced(client.clone(), namespace),
         name,
@@ -175,14 +185,13 @@ pub async fn delete_claim(
     .await
 }
 
-/// Deletes an address (optionally only if it is still the object with `uid`). Returns
-/// whether it existed.
+/// Deletes an address (optionally only if it is still the object with `uid`).
 pub async fn delete_address(
     client: &Client,
     namespace: &str,
     name: &str,
     uid: Option<&str>,
-) -> Result<bool, kube::Error> {
+) -> Result<Deleted, kube::Error> {
     delete(
         Api::<IPAddress>::namespaced(client.clone(), namespace),
         name,
@@ -191,7 +200,7 @@ pub async fn delete_address(
     .await
 }
 
-async fn delete<K>(api: Api<K>, name: &str, uid: Option<&str>) -> Result<bool, kube::Error>
+async fn delete<K>(api: Api<K>, name: &str, uid: Option<&str>) -> Result<Deleted, kube::Error>
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
@@ -203,8 +212,21 @@ where
         ..Default::default()
     };
     match api.delete(name, &params).await {
-        Ok(_) => Ok(true),
-        Err(e) if is_status(&e, 404) => Ok(false),
+        // The object comes back (or a Status); it is still there only while finalizers
+        // hold it.
+        Ok(answer) => match answer.left() {
+            Some(object)
+                if object
+                    .meta()
+                    .finalizers
+                    .as_ref()
+                    .is_some_and(|f| !f.is_empty()) =>
+            {
+                Ok(Deleted::Finalizing)
+            }
+            _ => Ok(Deleted::Gone),
+        },
+        Err(e) if is_status(&e, 404) => Ok(Deleted::Missing),
         Err(e) => Err(e),
     }
 }
