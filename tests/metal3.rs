@@ -182,11 +182,18 @@ where
 
 /// Lines of metal3's log where it looked for a *new* address for one of `claims` (it does so
 /// only when the claim is not in the allocations it rebuilt from its cache).
-fn metal3_allocations_for(m: &metal3::Metal3, claims: &BTreeSet<String>) -> Vec<String> {
-    m.log_lines("\"Getting address\"")
+/// metal3's log lines where it allocated, for one of our claims (claim → our address), an
+/// address other than ours. Our claims name their address in metal3's `ipAddress`
+/// annotation, so metal3 may "allocate" exactly that one (its create then finds our
+/// IPAddress); any other address would be a second address for the claim.
+fn metal3_allocations_for(m: &metal3::Metal3, claims: &BTreeMap<String, String>) -> Vec<String> {
+    m.log_lines("\"Address allocated\"")
         .into_iter()
-        .chain(m.log_lines("\"Address allocated\""))
-        .filter(|l| claims.iter().any(|c| l.contains(&format!("Claim=\"{c}\""))))
+        .filter(|l| {
+            claims.iter().any(|(c, ip)| {
+                l.contains(&format!("Claim=\"{c}\"")) && !l.contains(&format!("address=\"{ip}\""))
+            })
+        })
         .collect()
 }
 
@@ -328,10 +335,14 @@ async fn metal3_controller_never_reassigns_our_claims_and_we_never_take_its_addr
         "{with_finalizer} of our 30 claims carry metal3's finalizer (metal3 skips claims that \
          already have status.address; it finalizes those it saw before we set it)"
     );
-    let reassigned = metal3_allocations_for(&m3, &our_claims);
+    let claim_ips: BTreeMap<String, String> = ours
+        .iter()
+        .map(|(m, ip)| (format!("{ns}-{m}-0"), ip.clone()))
+        .collect();
+    let reassigned = metal3_allocations_for(&m3, &claim_ips);
     assert!(
         reassigned.is_empty(),
-        "metal3 looked for a new address for our claims:\n{}",
+        "metal3 allocated another address for our claims:\n{}",
         reassigned.join("\n")
     );
     assert_eq!(
@@ -469,11 +480,14 @@ async fn metal3_controller_never_reassigns_our_claims_and_we_never_take_its_addr
         "the denied machine left its claim"
     );
     assert_ours_intact(&s, &ns, &ours);
-    let our_claims: BTreeSet<String> = ours.keys().map(|m| format!("{ns}-{m}-0")).collect();
-    let reassigned = metal3_allocations_for(&m3, &our_claims);
+    let claim_ips: BTreeMap<String, String> = ours
+        .iter()
+        .map(|(m, ip)| (format!("{ns}-{m}-0"), ip.clone()))
+        .collect();
+    let reassigned = metal3_allocations_for(&m3, &claim_ips);
     assert!(
         reassigned.is_empty(),
-        "metal3 looked for a new address for our claims:\n{}",
+        "metal3 allocated another address for our claims:\n{}",
         reassigned.join("\n")
     );
 
