@@ -507,7 +507,6 @@ impl Sweeper {
     /// Releases claims whose machine does not exist (after the grace period), claims bound to
     /// an earlier machine of the same name, and claims of removed devices.
     async fn sweep_claims(&self, machines: &Store<ElfMachine>) {
-        let now = Timestamp::now();
         // Claims first, machines second: a machine created after this read is seen below.
         let claims = self.assigner.caches.claims.state();
         for claim in claims {
@@ -522,13 +521,7 @@ impl Sweeper {
             };
             let machine = machines.get(&ObjectRef::new(mname).within(mns));
             let stale = match &machine {
-                None => {
-                    let age = claim
-                        .creation_timestamp()
-                        .map(|t| now.duration_since(t.0).as_secs_f64())
-                        .unwrap_or(0.0);
-                    age > self.options.claim_grace.as_secs_f64()
-                }
+                None => self.older_than_grace(&claim),
                 Some(m) => self.claim_is_stale(&claim, m),
             };
             if !stale {
@@ -611,6 +604,14 @@ impl Sweeper {
         }
     }
 
+    /// Whether a claim was created longer than `--claim-grace` ago.
+    fn older_than_grace(&self, claim: &IPClaim) -> bool {
+        claim
+            .creation_timestamp()
+            .map(|t| Timestamp::now().duration_since(t.0).as_secs_f64())
+            .is_some_and(|age| age > self.options.claim_grace.as_secs_f64())
+    }
+
     /// Whether an existing machine no longer owns this claim: bound to another uid, or its
     /// device was removed or no longer takes a static address.
     fn claim_is_stale(&self, claim: &IPClaim, machine: &ElfMachine) -> bool {
@@ -620,6 +621,11 @@ impl Sweeper {
         ) && *bound != uid
         {
             return true;
+        }
+        // A claim younger than the grace period may belong to an UPDATE still in flight (a
+        // hot-added NIC is claimed before the machine with that NIC is stored).
+        if !self.older_than_grace(claim) {
+            return false;
         }
         let Some(device) = claim
             .annotations()
