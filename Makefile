@@ -22,7 +22,7 @@ test: controlplane
 	@bash hack/controlplane/build.sh --metal3 >/dev/null
 	cargo fmt --all -- --check
 	cargo clippy --all-targets -- -D warnings
-	cargo test --all-targets -- --test-threads=4
+	cargo test --lib --bins --tests -- --test-threads=4
 
 lint:
 	cargo fmt --all -- --check
