@@ -227,6 +227,42 @@ impl Sweeper {
                 released += 1;
             }
         }
+        // Addresses whose claim is already gone (an earlier pass, or another replica, deleted
+        // the claim and then failed): found by the claim name they record.
+        for i in 0..devices {
+            let claim = claim_name(&ns, &name, i);
+            for pool_ns in self.claim_namespaces(&ns) {
+                for a in self
+                    .assigner
+                    .caches
+                    .index
+                    .addresses_of_claim(&pool_ns, &claim)
+                {
+                    let live = writer::get_address(&self.assigner.client, &a.namespace, &a.name)
+                        .await
+                        .map_err(api(format!("reading IPAddress {}/{}", a.namespace, a.name)))?;
+                    if let Some(live) = live
+                        && live.spec.claim.name.as_deref() == Some(claim.as_str())
+                        && writer::get_claim(&self.assigner.client, &pool_ns, &claim)
+                            .await
+                            .map_err(api(format!("reading IPClaim {pool_ns}/{claim}")))?
+                            .is_none()
+                    {
+                        writer::delete_address(
+                            &self.assigner.client,
+                            &a.namespace,
+                            &a.name,
+                            live.uid().as_deref(),
+                        )
+                        .await
+                        .map_err(api(format!(
+                            "deleting IPAddress {}/{}",
+                            a.namespace, a.name
+                        )))?;
+                    }
+                }
+            }
+        }
         remove_finalizer(&self.assigner.client, &machine).await?;
         self.assigner.events.emit(Note {
             regarding: events::machine_ref(&ns, &name, machine.uid()),
