@@ -223,6 +223,11 @@ impl Sweeper {
                     .is_none_or(|o| *o == machine_key(&ns, &name))
                 && owned(&c)
             {
+                // The claim was read while this machine still existed only if the machine
+                // exists now: then no newer machine of the same name can have made it.
+                if !self.still_releasing(&ns, &name, &uid).await? {
+                    return Ok(());
+                }
                 self.release_claim(&c, true).await?;
                 released += 1;
             }
@@ -247,6 +252,7 @@ impl Sweeper {
                             .await
                             .map_err(api(format!("reading IPClaim {pool_ns}/{claim}")))?
                             .is_none()
+                        && self.still_releasing(&ns, &name, &uid).await?
                     {
                         writer::delete_address(
                             &self.assigner.client,
@@ -275,6 +281,17 @@ impl Sweeper {
         });
         tracing::info!(machine = %machine_key(&ns, &name), claims = released, "released");
         Ok(())
+    }
+
+    /// Whether the machine with this uid still exists (and is being deleted).
+    async fn still_releasing(&self, ns: &str, name: &str, uid: &str) -> Result<bool, SweepError> {
+        let live = Api::<ElfMachine>::namespaced(self.assigner.client.clone(), ns)
+            .get_opt(name)
+            .await
+            .map_err(api(format!("reading ElfMachine {ns}/{name}")))?;
+        Ok(live.is_some_and(|m| {
+            m.uid().as_deref() == Some(uid) && m.metadata.deletion_timestamp.is_some()
+        }))
     }
 
     /// Namespaces where a machine's claims may live: every namespace that has a pool.
