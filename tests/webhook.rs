@@ -6,25 +6,14 @@ mod common;
 use std::collections::BTreeSet;
 
 use common::controlplane::{CrdSet, shared, temp_namespace};
+use common::util::objects;
 use common::webhook::{
     self, WebhookOptions, capi_machine, create, dynamic, machines, pool, template,
 };
-use kube::api::ListParams;
 use rustls::pki_types::pem::PemObject;
 use serde_json::{Value, json};
 
 const FINALIZER: &str = "elfmachinestaticip.infrastructure.cluster.x-k8s.io";
-
-async fn list(client: &kube::Client, ns: &str, kind: &str, plural: &str) -> Vec<Value> {
-    dynamic(client, ns, "ipam.metal3.io", "v1alpha1", kind, plural)
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .map(|o| serde_json::to_value(o).unwrap())
-        .collect()
-}
 
 #[tokio::test]
 async fn one_machine_gets_its_address_route_dns_and_finalizer() {
@@ -251,9 +240,11 @@ async fn twenty_concurrent_machines_on_a_twenty_address_pool() {
         status.message
     );
     assert!(status.message.contains("small"), "{}", status.message);
-    assert_eq!(list(&client, &ns, "IPClaim", "ipclaims").await.len(), 20);
+    assert_eq!(objects(&client, &ns, "IPClaim", "ipclaims").await.len(), 20);
     assert_eq!(
-        list(&client, &ns, "IPAddress", "ipaddresses").await.len(),
+        objects(&client, &ns, "IPAddress", "ipaddresses")
+            .await
+            .len(),
         20
     );
     assert!(
@@ -314,7 +305,7 @@ async fn dhcp_and_none_devices_are_left_as_they_were() {
         got[2].get("routes").is_none(),
         "no gateway, no route: {got:#}"
     );
-    assert_eq!(list(&client, &ns, "IPClaim", "ipclaims").await.len(), 1);
+    assert_eq!(objects(&client, &ns, "IPClaim", "ipclaims").await.len(), 1);
 
     // Only DHCP: nothing is written, not even the finalizer.
     let m = serde_json::to_value(
@@ -328,7 +319,7 @@ async fn dhcp_and_none_devices_are_left_as_they_were() {
     )
     .unwrap();
     assert!(m["metadata"].get("finalizers").is_none());
-    assert_eq!(list(&client, &ns, "IPClaim", "ipclaims").await.len(), 1);
+    assert_eq!(objects(&client, &ns, "IPClaim", "ipclaims").await.len(), 1);
     hook.stop().await;
 }
 
