@@ -12,7 +12,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Client, ResourceExt};
 
 use crate::cluster::cache::Caches;
-use crate::cluster::crd::{ElfMachineTemplate, IPAddress, IPClaim, NetworkDevice};
+use crate::cluster::crd::{ElfMachineTemplate, IPAddress, NetworkDevice};
 use crate::cluster::index::PoolUnavailable;
 use crate::cluster::writer::{self, AddressObject, Created};
 use crate::contract::*;
@@ -571,10 +571,7 @@ impl Assigner {
         dry_run: bool,
     ) -> Result<Option<Lease>, AssignError> {
         let machine = machine_key(m.namespace, m.name);
-        let cached = self
-            .caches
-            .claims
-            .get(&ObjectRef::<IPClaim>::new(claim).within(&pool.namespace));
+        let cached = self.caches.claims.get(&pool.namespace, claim);
         let of_claim = self.caches.index.addresses_of_claim(&pool.namespace, claim);
         if !live_read && cached.is_none() && of_claim.is_empty() {
             return Ok(None);
@@ -616,8 +613,8 @@ impl Assigner {
             Some(name) => Some(name),
             None => of_claim
                 .iter()
-                .find(|a| a.pool == *pool)
-                .map(|a| a.name.clone()),
+                .find(|a| *a.pool == *pool)
+                .map(|a| a.name.to_string()),
         };
         let Some(address_name) = address_name else {
             return Ok(None);

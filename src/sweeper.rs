@@ -10,7 +10,7 @@
 //!   claims of devices that were removed are released;
 //! - pool status: `IPPool.status.indexes` is kept equal to the addresses, in batches.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,6 +25,7 @@ use kube::{Api, ResourceExt};
 use serde_json::json;
 
 use crate::assign::{Assigner, MachineView, needs_address, owner_labels};
+use crate::cluster::claims::ClaimInfo;
 use crate::cluster::crd::{ElfMachine, IPAddress, IPClaim, IPPool};
 use crate::cluster::writer;
 use crate::contract::*;
@@ -148,22 +149,22 @@ impl Sweeper {
         Ok(Action::requeue(self.options.resync))
     }
 
-    /// The claims that belong to a machine: ours (annotation) and the Go controller's (name).
-    fn claims_of(&self, namespace: &str, name: &str, devices: usize) -> Vec<Arc<IPClaim>> {
+    /// The claims that belong to a machine: ours (annotation) and the Go controller's (name),
+    /// looked up by name in every namespace that has a pool.
+    fn claims_of(&self, namespace: &str, name: &str, devices: usize) -> Vec<Arc<ClaimInfo>> {
         let key = machine_key(namespace, name);
-        let go_names: HashSet<String> = (0..devices.max(1) + 8)
-            .map(|i| claim_name(namespace, name, i))
-            .collect();
-        self.assigner
-            .caches
-            .claims
-            .state()
-            .into_iter()
-            .filter(|c| match c.annotations().get(ANNOTATION_MACHINE) {
-                Some(owner) => *owner == key,
-                None => go_names.contains(&c.name_any()),
-            })
-            .collect()
+        let claims = &self.assigner.caches.claims;
+        let mut found = Vec::new();
+        for claim_ns in self.claim_namespaces(namespace) {
+            for device in 0..devices.max(1) + 8 {
+                if let Some(c) = claims.get(&claim_ns, &claim_name(namespace, name, device))
+                    && c.machine.as_deref().is_none_or(|owner| owner == key)
+                {
+                    found.push(c);
+                }
+            }
+        }
+        found
     }
 
     /// Deletes a machine's claims and addresses, then removes our finalizer.
@@ -201,7 +202,7 @@ impl Sweeper {
         let mut candidates: Vec<(String, String)> = self
             .claims_of(&ns, &name, devices)
             .iter()
-            .map(|c| (c.namespace().unwrap_or_default(), c.name_any()))
+            .map(|c| (c.namespace.to_string(), c.name.to_string()))
             .collect();
         for i in 0..devices {
             let claim = claim_name(&ns, &name, i);
@@ -228,7 +229,7 @@ impl Sweeper {
                 if !self.still_releasing(&ns, &name, &uid).await? {
                     return Ok(());
                 }
-                self.release_claim(&c, true).await?;
+                self.release_claim(&c).await?;
                 released += 1;
             }
         }
@@ -310,8 +311,9 @@ impl Sweeper {
         set
     }
 
-    /// Deletes one claim and every address that names it.
-    async fn release_claim(&self, claim: &IPClaim, is_live: bool) -> Result<(), SweepError> {
+    /// Deletes one claim (as just read) and every address that names it.
+    async fn release_claim(&self, live: &IPClaim) -> Result<(), SweepError> {
+        let claim = live;
         let ns = claim.namespace().unwrap_or_default();
         let name = claim.name_any();
         let pool = claim.spec.pool.name.clone().unwrap_or_default();
@@ -321,22 +323,12 @@ impl Sweeper {
             .index
             .addresses_of_claim(&ns, &name)
             .into_iter()
-            .map(|a| a.name)
+            .map(|a| a.name.to_string())
             .collect();
         // The caches may not show the address yet (a claim released an instant after it
         // was made): read the claim live, and derive the address's name from the requested
         // IP, so that no address outlives its claim until the grace period.
         let client = &self.assigner.client;
-        let live = if is_live {
-            Some(claim.clone())
-        } else {
-            writer::get_claim(client, &ns, &name)
-                .await
-                .map_err(api(format!("reading IPClaim {ns}/{name}")))?
-        };
-        let Some(live) = live.filter(|l| l.uid() == claim.uid()) else {
-            return Ok(());
-        };
         if let Some(a) = live
             .status
             .as_ref()
@@ -437,11 +429,14 @@ impl Sweeper {
     async fn fill_missing(&self, cached: &ElfMachine) -> Result<(), SweepError> {
         let ns = cached.namespace().unwrap_or_default();
         let name = cached.name_any();
-        let unadopted = self
+        // Claims of another controller are taken over at once; ours are bound to the
+        // machine's uid by the periodic pass, off the busy moments of a scale-up.
+        let unadopted: Vec<Arc<ClaimInfo>> = self
             .claims_of(&ns, &name, cached.spec.network.devices.len())
             .into_iter()
-            .any(|c| !c.annotations().contains_key(ANNOTATION_MACHINE_UID));
-        if !unadopted && !cached.spec.network.devices.iter().any(needs_address) {
+            .filter(|c| c.machine.is_none() && c.machine_uid.is_none())
+            .collect();
+        if unadopted.is_empty() && !cached.spec.network.devices.iter().any(needs_address) {
             return Ok(());
         }
         // Act on the live object only: the cache may show an earlier machine of this name,
@@ -462,7 +457,7 @@ impl Sweeper {
             return Ok(());
         }
         let uid = machine.uid();
-        self.adopt_claims(&machine).await?;
+        self.adopt_claims(&machine, &unadopted).await?;
         if !machine.spec.network.devices.iter().any(needs_address) {
             return Ok(());
         }
@@ -510,25 +505,30 @@ impl Sweeper {
         Ok(())
     }
 
-    /// Records the machine's uid and our labels on the claims of an existing machine.
-    async fn adopt_claims(&self, machine: &ElfMachine) -> Result<(), SweepError> {
+    /// Records the machine's uid and our labels on the given claims of an existing machine.
+    /// The claims must have been read before the machine: a claim made after this machine
+    /// was read may belong to a newer machine of the same name. Each patch carries the uid
+    /// of the claim as read, so a claim replaced meanwhile is left alone.
+    async fn adopt_claims(
+        &self,
+        machine: &ElfMachine,
+        claims: &[Arc<ClaimInfo>],
+    ) -> Result<(), SweepError> {
         let ns = machine.namespace().unwrap_or_default();
         let name = machine.name_any();
         let Some(uid) = machine.uid() else {
             return Ok(());
         };
-        for claim in self.claims_of(&ns, &name, machine.spec.network.devices.len()) {
-            let recorded = claim.annotations().get(ANNOTATION_MACHINE_UID);
-            if recorded.is_some_and(|u| *u == uid) {
+        for claim in claims {
+            // A claim bound already (or bound to an earlier machine of the same name, which
+            // the sweep releases) is never rebound.
+            let Some(claim_uid) = claim.uid.as_deref().filter(|_| claim.machine_uid.is_none())
+            else {
                 continue;
-            }
-            if recorded.is_some() {
-                // Bound to an earlier machine of the same name: never reused; the sweep releases it.
-                continue;
-            }
-            let claim_ns = claim.namespace().unwrap_or_default();
+            };
+            let claim_ns = claim.namespace.to_string();
             let device = claim
-                .name_any()
+                .name
                 .strip_prefix(&format!("{ns}-{name}-"))
                 .and_then(|i| i.parse::<usize>().ok());
             let mut annotations = BTreeMap::from([
@@ -539,34 +539,44 @@ impl Sweeper {
                 annotations.insert(ANNOTATION_DEVICE.to_string(), d.to_string());
             }
             let patch = json!({"metadata": {
+                "uid": claim_uid,
                 "labels": owner_labels(&ns, &name),
                 "annotations": annotations,
             }});
-            Api::<IPClaim>::namespaced(self.assigner.client.clone(), &claim_ns)
+            match Api::<IPClaim>::namespaced(self.assigner.client.clone(), &claim_ns)
                 .patch(
-                    &claim.name_any(),
+                    &claim.name,
                     &PatchParams::default(),
                     &KubePatch::Merge(&patch),
                 )
                 .await
-                .map_err(api(format!(
-                    "recording the machine on IPClaim {claim_ns}/{}",
-                    claim.name_any()
-                )))?;
+            {
+                Ok(_) => {}
+                // Deleted or replaced since it was read.
+                Err(kube::Error::Api(s)) if matches!(s.code, 404 | 409 | 422) => {}
+                Err(e) => {
+                    return Err(api(format!(
+                        "recording the machine on IPClaim {claim_ns}/{}",
+                        claim.name
+                    ))(e));
+                }
+            }
         }
         Ok(())
     }
 
     /// Releases claims whose machine does not exist (after the grace period), claims bound to
-    /// an earlier machine of the same name, and claims of removed devices.
+    /// an earlier machine of the same name, and claims of removed devices; binds the claims
+    /// of existing machines to their uid.
     async fn sweep_claims(&self, machines: &Store<ElfMachine>) {
         // Claims first, machines second: a machine created after this read is seen below.
-        let claims = self.assigner.caches.claims.state();
+        let claims = self.assigner.caches.claims.all();
+        let mut adopt: BTreeMap<(String, String), Vec<Arc<ClaimInfo>>> = BTreeMap::new();
         for claim in claims {
-            let Some(owner) = claim.annotations().get(ANNOTATION_MACHINE).cloned() else {
+            let Some(owner) = claim.machine.as_deref() else {
                 continue;
             };
-            if claim.metadata.deletion_timestamp.is_some() {
+            if claim.deleting {
                 continue;
             }
             let Some((mns, mname)) = owner.split_once('/') else {
@@ -574,13 +584,21 @@ impl Sweeper {
             };
             let machine = machines.get(&ObjectRef::new(mname).within(mns));
             let stale = match &machine {
-                None => self.older_than_grace(&claim),
+                None => self.older_than_grace(claim.created),
                 Some(m) => self.claim_is_stale(&claim, m),
             };
             if !stale {
+                if claim.machine_uid.is_none()
+                    && machine.is_some_and(|m| m.metadata.deletion_timestamp.is_none())
+                {
+                    adopt
+                        .entry((mns.to_string(), mname.to_string()))
+                        .or_default()
+                        .push(claim.clone());
+                }
                 continue;
             }
-            // Re-check with a live read before deleting anything.
+            // Re-check with live reads before deleting anything.
             let live = Api::<ElfMachine>::namespaced(self.assigner.client.clone(), mns)
                 .get_opt(mname)
                 .await;
@@ -592,13 +610,42 @@ impl Sweeper {
                     false
                 }
             };
-            if still_stale {
-                match self.release_claim(&claim, false).await {
-                    Ok(()) => {
-                        tracing::info!(claim = %format!("{}/{}", claim.namespace().unwrap_or_default(), claim.name_any()), machine = %owner, "released a claim whose machine is gone")
+            if !still_stale {
+                continue;
+            }
+            let released =
+                match writer::get_claim(&self.assigner.client, &claim.namespace, &claim.name).await
+                {
+                    Ok(Some(live)) if live.uid().as_deref() == claim.uid.as_deref() => {
+                        self.release_claim(&live).await.map(|()| true)
                     }
-                    Err(e) => tracing::warn!(error = %e, "could not release claim"),
+                    Ok(_) => Ok(false),
+                    Err(e) => Err(api(format!(
+                        "reading IPClaim {}/{}",
+                        claim.namespace, claim.name
+                    ))(e)),
+                };
+            match released {
+                Ok(true) => {
+                    tracing::info!(claim = %format!("{}/{}", claim.namespace, claim.name), machine = %owner, "released a claim whose machine is gone")
                 }
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "could not release claim"),
+            }
+        }
+        for ((ns, name), claims) in adopt {
+            let live = Api::<ElfMachine>::namespaced(self.assigner.client.clone(), &ns)
+                .get_opt(&name)
+                .await;
+            let result = match live {
+                Ok(Some(m)) if m.metadata.deletion_timestamp.is_none() => {
+                    self.adopt_claims(&m, &claims).await
+                }
+                Ok(_) => Ok(()),
+                Err(e) => Err(api(format!("reading ElfMachine {ns}/{name}"))(e)),
+            };
+            if let Err(e) = result {
+                tracing::warn!(error = %e, machine = %machine_key(&ns, &name), "could not bind claims to the machine");
             }
         }
     }
@@ -607,41 +654,29 @@ impl Sweeper {
     /// older than the grace period and confirmed by a live read.
     async fn sweep_addresses(&self) {
         let now = Timestamp::now();
-        for address in self.assigner.caches.addresses.state() {
-            if address.labels().get(LABEL_MANAGED_BY).map(String::as_str) != Some(MANAGER)
-                || address.metadata.deletion_timestamp.is_some()
-            {
+        for address in self.assigner.caches.index.addresses() {
+            if !address.ours || address.deleting {
                 continue;
             }
-            let ns = address.namespace().unwrap_or_default();
-            let claim_ns = address.claim_namespace();
-            let Some(claim) = address.spec.claim.name.clone() else {
-                continue;
-            };
-            if self
-                .assigner
-                .caches
-                .claims
-                .get(&ObjectRef::new(&claim).within(&claim_ns))
-                .is_some()
-            {
+            let (ns, name) = (&*address.namespace, &*address.name);
+            let (claim_ns, claim) = (&*address.claim_namespace, &*address.claim);
+            if claim.is_empty() || self.assigner.caches.claims.get(claim_ns, claim).is_some() {
                 continue;
             }
             let age = address
-                .creation_timestamp()
-                .map(|t| now.duration_since(t.0).as_secs_f64())
+                .created
+                .map(|t| now.duration_since(t).as_secs_f64())
                 .unwrap_or(0.0);
             if age <= self.options.claim_grace.as_secs_f64() {
                 continue;
             }
-            match writer::get_claim(&self.assigner.client, &claim_ns, &claim).await {
+            match writer::get_claim(&self.assigner.client, claim_ns, claim).await {
                 Ok(None) => {
-                    let name = address.name_any();
                     match writer::delete_address(
                         &self.assigner.client,
-                        &ns,
-                        &name,
-                        address.uid().as_deref(),
+                        ns,
+                        name,
+                        address.uid.as_deref(),
                     )
                     .await
                     {
@@ -658,31 +693,28 @@ impl Sweeper {
     }
 
     /// Whether a claim was created longer than `--claim-grace` ago.
-    fn older_than_grace(&self, claim: &IPClaim) -> bool {
-        claim
-            .creation_timestamp()
-            .map(|t| Timestamp::now().duration_since(t.0).as_secs_f64())
+    fn older_than_grace(&self, created: Option<Timestamp>) -> bool {
+        created
+            .map(|t| Timestamp::now().duration_since(t).as_secs_f64())
             .is_some_and(|age| age > self.options.claim_grace.as_secs_f64())
     }
 
     /// Whether an existing machine no longer owns this claim: bound to another uid, or its
     /// device was removed or no longer takes a static address.
-    fn claim_is_stale(&self, claim: &IPClaim, machine: &ElfMachine) -> bool {
-        if let (Some(bound), Some(uid)) = (
-            claim.annotations().get(ANNOTATION_MACHINE_UID),
-            machine.uid(),
-        ) && *bound != uid
+    fn claim_is_stale(&self, claim: &ClaimInfo, machine: &ElfMachine) -> bool {
+        if let (Some(bound), Some(uid)) = (claim.machine_uid.as_deref(), machine.uid())
+            && *bound != uid
         {
             return true;
         }
         // A claim younger than the grace period may belong to an UPDATE still in flight (a
         // hot-added NIC is claimed before the machine with that NIC is stored).
-        if !self.older_than_grace(claim) {
+        if !self.older_than_grace(claim.created) {
             return false;
         }
         let Some(device) = claim
-            .annotations()
-            .get(ANNOTATION_DEVICE)
+            .device
+            .as_deref()
             .and_then(|d| d.parse::<usize>().ok())
         else {
             return false;
@@ -696,20 +728,26 @@ impl Sweeper {
     /// Writes `status.indexes` (claim → address) of every pool whose status differs from
     /// the IPAddresses that exist.
     async fn update_pool_status(&self) {
+        let index = &self.assigner.caches.index;
         let mut wanted: HashMap<(String, String), BTreeMap<String, String>> = HashMap::new();
-        for a in self.assigner.caches.addresses.state() {
-            let pool_ns = a.pool_namespace();
-            let (Some(pool), Some(claim)) = (a.spec.pool.name.clone(), a.spec.claim.name.clone())
-            else {
+        for a in index.addresses() {
+            if a.claim.is_empty() {
                 continue;
-            };
+            }
             wanted
-                .entry((pool_ns, pool))
+                .entry((a.pool.namespace.clone(), a.pool.name.clone()))
                 .or_default()
-                .insert(claim, a.spec.address.clone());
+                .insert(a.claim.to_string(), a.address.to_string());
         }
         for pool in self.assigner.caches.pools.state() {
             let key = (pool.namespace().unwrap_or_default(), pool.name_any());
+            // Only pools we can allocate from: the addresses of others (IPv6) are not indexed.
+            if index
+                .with_pool(&PoolKey::new(&key.0, &key.1), |_| ())
+                .is_err()
+            {
+                continue;
+            }
             let want = wanted.remove(&key).unwrap_or_default();
             let have = pool
                 .status

@@ -1,7 +1,8 @@
-//! Watch caches (kube-runtime reflectors) of everything admission reads: IPPools,
-//! IPAddresses, IPClaims and ElfMachineTemplates, plus the ElfMachine CRD itself
-//! (to learn where DNS servers go). Each watch also feeds the [`IpamIndex`].
-//! [`Caches::ready`] is true once every watch has listed.
+//! Watch caches of everything admission reads: IPPools and ElfMachineTemplates (kube-runtime
+//! reflectors), IPAddresses (kept only in the [`IpamIndex`]) and IPClaims (the
+//! [`ClaimCache`]), plus the ElfMachine CRD itself (to learn where DNS servers go). The two
+//! big ones keep a few fields per object, not the objects. [`Caches::ready`] is true once
+//! every watch has listed.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -14,6 +15,7 @@ use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 use tokio::task::JoinSet;
 
+use super::claims::ClaimCache;
 use super::crd::{ElfMachineTemplate, IPAddress, IPClaim, IPPool};
 use super::index::IpamIndex;
 
@@ -24,8 +26,7 @@ pub const ELFMACHINE_CRD: &str = "elfmachines.infrastructure.cluster.x-k8s.io";
 #[derive(Clone)]
 pub struct Caches {
     pub pools: Store<IPPool>,
-    pub addresses: Store<IPAddress>,
-    pub claims: Store<IPClaim>,
+    pub claims: Arc<ClaimCache>,
     pub templates: Store<ElfMachineTemplate>,
     pub index: Arc<IpamIndex>,
     pub schema: Arc<MachineSchema>,
@@ -83,21 +84,34 @@ impl Caches {
 
         let pools = {
             let index = index.clone();
+            let mut listed = Vec::new();
             watch(client, tasks, synced.clone(), move |change| match change {
                 Change::Applied(p) => index.apply_pool(p),
                 Change::Deleted(p) => index.delete_pool(p),
-                Change::Relisted(all) => index.reset_pools(all),
+                Change::Relisting => listed.clear(),
+                Change::Listed(p) => listed.push(p.clone()),
+                Change::Relisted => index.reset_pools(&std::mem::take(&mut listed)),
             })
         };
-        let addresses = {
+        {
             let index = index.clone();
-            watch(client, tasks, synced.clone(), move |change| match change {
-                Change::Applied(a) => index.apply_address(a),
+            follow::<IPAddress>(client, tasks, synced.clone(), move |change| match change {
+                Change::Applied(a) | Change::Listed(a) => index.apply_address(a),
                 Change::Deleted(a) => index.delete_address(a),
-                Change::Relisted(all) => index.reset_addresses(all),
-            })
-        };
-        let claims = watch(client, tasks, synced.clone(), |_: Change<'_, IPClaim>| {});
+                Change::Relisting => index.begin_address_relist(),
+                Change::Relisted => index.end_address_relist(),
+            });
+        }
+        let claims = Arc::new(ClaimCache::default());
+        {
+            let claims = claims.clone();
+            follow::<IPClaim>(client, tasks, synced.clone(), move |change| match change {
+                Change::Applied(c) | Change::Listed(c) => claims.apply(c),
+                Change::Deleted(c) => claims.delete(c),
+                Change::Relisting => claims.begin_relist(),
+                Change::Relisted => claims.end_relist(),
+            });
+        }
         let templates = watch(
             client,
             tasks,
@@ -111,14 +125,12 @@ impl Caches {
                 watcher::Config::default().fields(&format!("metadata.name={ELFMACHINE_CRD}"));
             let stream = watcher(api, config).default_backoff();
             tasks.spawn(drive(stream, synced.clone(), move |change| match change {
-                Change::Applied(crd) => schema.learn(crd),
-                Change::Relisted(crds) => crds.iter().for_each(|crd| schema.learn(crd)),
-                Change::Deleted(_) => {}
+                Change::Applied(crd) | Change::Listed(crd) => schema.learn(crd),
+                Change::Deleted(_) | Change::Relisting | Change::Relisted => {}
             }));
         }
         Caches {
             pools,
-            addresses,
             claims,
             templates,
             index,
@@ -140,11 +152,14 @@ impl Caches {
     }
 }
 
-/// A watch event as the handlers see it: relists arrive whole, once listed.
+/// A watch event as the handlers see it. A relist is `Relisting`, then `Listed` for each
+/// object, then `Relisted`: whatever was not listed is gone.
 pub enum Change<'a, K> {
     Applied(&'a K),
     Deleted(&'a K),
-    Relisted(&'a [K]),
+    Relisting,
+    Listed(&'a K),
+    Relisted,
 }
 
 /// Starts a reflector for `K` across all namespaces and returns its store; `handle` sees
@@ -166,8 +181,7 @@ where
 {
     let (reader, writer) = reflector::store::<K>();
     let api: Api<K> = Api::all(client.clone());
-    // managedFields is never read here and is most of a small object's size: dropping it
-    // before the store keeps ~100k cached IPAM objects within the memory budget.
+    // managedFields is never read here and is most of a small object's size.
     let stream = watcher(api, watcher::Config::default().any_semantic())
         .default_backoff()
         .modify(|o: &mut K| o.meta_mut().managed_fields = None)
@@ -175,6 +189,30 @@ where
     tasks.spawn(drive(stream, synced, handle));
     reader
 }
+
+/// Watches `K` across all namespaces without keeping the objects: `handle` keeps what it
+/// needs. The first list is read in pages, so that a large cluster is never held whole.
+fn follow<K>(
+    client: &Client,
+    tasks: &mut JoinSet<()>,
+    synced: Arc<AtomicUsize>,
+    handle: impl FnMut(Change<'_, K>) + Send + 'static,
+) where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let api: Api<K> = Api::all(client.clone());
+    let stream = watcher(api, watcher::Config::default().page_size(LIST_PAGE)).default_backoff();
+    tasks.spawn(drive(stream, synced, handle));
+}
+
+/// Objects per page when listing IPAddresses and IPClaims.
+const LIST_PAGE: u32 = 500;
 
 /// Polls a watch stream forever, counting its first complete list towards readiness.
 async fn drive<K>(
@@ -184,16 +222,14 @@ async fn drive<K>(
 ) {
     let mut counted = false;
     let mut stream = std::pin::pin!(stream);
-    let mut relist: Vec<K> = Vec::new();
     while let Some(item) = stream.next().await {
         match item {
             Ok(watcher::Event::Apply(obj)) => handle(Change::Applied(&obj)),
             Ok(watcher::Event::Delete(obj)) => handle(Change::Deleted(&obj)),
-            Ok(watcher::Event::Init) => relist.clear(),
-            Ok(watcher::Event::InitApply(obj)) => relist.push(obj),
+            Ok(watcher::Event::Init) => handle(Change::Relisting),
+            Ok(watcher::Event::InitApply(obj)) => handle(Change::Listed(&obj)),
             Ok(watcher::Event::InitDone) => {
-                handle(Change::Relisted(&relist));
-                relist = Vec::new();
+                handle(Change::Relisted);
                 if !counted {
                     counted = true;
                     synced.fetch_add(1, Ordering::AcqRel);

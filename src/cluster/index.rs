@@ -2,20 +2,25 @@
 //! watches. Admission reads and reserves addresses here without any API call; the apiserver
 //! stays the arbiter (a create of an IPAddress that already exists fails with 409), so a
 //! lagging watch can cost a retry but never a duplicate.
+//!
+//! Each IPAddress is kept as a small [`AddressInfo`] (what allocation and the background
+//! loops read), not as the whole object: 100k cached addresses must fit in a few tens of MB.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 
 use super::crd::{IPAddress, IPPool};
+use crate::contract::{LABEL_MANAGED_BY, MANAGER};
 use crate::ipam::allocate::PoolState;
 use crate::ipam::pool::{Pool, PoolInput, RangeInput, parse_pool};
 use crate::ipam::select::{PoolKey, PoolMeta};
 
-/// (namespace, name) of an object.
-type ObjectId = (String, String);
+/// (namespace, name) of an object; the strings are shared with the other maps.
+type ObjectId = (Arc<str>, Arc<str>);
 
 /// What the index knows of one pool.
 enum Slot {
@@ -28,22 +33,34 @@ enum Slot {
 struct Inner {
     pools: HashMap<PoolKey, Slot>,
     metas: Arc<Vec<PoolMeta>>,
-    /// IPAddress object (namespace, name) → the pool, address and claim it holds.
-    objects: HashMap<ObjectId, (PoolKey, Ipv4Addr, ObjectId)>,
+    /// IPv4 IPAddress objects by (namespace, name).
+    objects: HashMap<ObjectId, Arc<AddressInfo>>,
     /// How many IPAddress objects hold each address of each pool.
-    holders: HashMap<PoolKey, HashMap<Ipv4Addr, usize>>,
+    holders: HashMap<Arc<PoolKey>, HashMap<Ipv4Addr, u32>>,
     /// Claim (namespace, name) → the IPAddress objects naming it in `spec.claim`.
-    by_claim: HashMap<(String, String), Vec<AddressOfClaim>>,
+    by_claim: HashMap<ObjectId, Vec<ObjectId>>,
+    /// One shared copy of each namespace and pool key.
+    strings: HashSet<Arc<str>>,
+    pool_keys: HashSet<Arc<PoolKey>>,
+    /// The objects seen since the address watch started a relist.
+    relisting: Option<HashSet<ObjectId>>,
 }
 
-/// An IPAddress object that names a claim.
+/// One IPv4 IPAddress object, as the index keeps it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AddressOfClaim {
-    /// Namespace and name of the IPAddress object.
-    pub namespace: String,
-    pub name: String,
-    pub pool: PoolKey,
+pub struct AddressInfo {
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
+    pub uid: Option<Arc<str>>,
+    pub pool: Arc<PoolKey>,
     pub address: Ipv4Addr,
+    pub claim_namespace: Arc<str>,
+    pub claim: Arc<str>,
+    pub created: Option<Timestamp>,
+    /// Written by us (label `app.kubernetes.io/managed-by`).
+    pub ours: bool,
+    /// Has a deletion timestamp.
+    pub deleting: bool,
 }
 
 /// Shared, thread-safe allocation state. Locks are held only for in-memory work, never
@@ -129,29 +146,54 @@ impl IpamIndex {
 
     /// An IPAddress was deleted.
     pub fn delete_address(&self, address: &IPAddress) {
-        let id = (address.namespace().unwrap_or_default(), address.name_any());
-        self.lock().forget_object(&id);
+        let mut inner = self.lock();
+        let id = inner.object_id(
+            &address.namespace().unwrap_or_default(),
+            &address.name_any(),
+        );
+        inner.forget_object(&id);
     }
 
-    /// The address watch was (re)listed: `addresses` is the complete set.
-    pub fn reset_addresses(&self, addresses: &[IPAddress]) {
+    /// The address watch starts a relist: every address it lists comes through
+    /// [`IpamIndex::apply_address`], then [`IpamIndex::end_address_relist`] forgets the rest.
+    pub fn begin_address_relist(&self) {
+        self.lock().relisting = Some(HashSet::new());
+    }
+
+    /// The relist is complete: addresses it did not list are gone.
+    pub fn end_address_relist(&self) {
         let mut inner = self.lock();
-        let keep: std::collections::HashSet<(String, String)> = addresses
-            .iter()
-            .map(|a| (a.namespace().unwrap_or_default(), a.name_any()))
-            .collect();
-        let gone: Vec<(String, String)> = inner
+        let Some(seen) = inner.relisting.take() else {
+            return;
+        };
+        let gone: Vec<ObjectId> = inner
             .objects
             .keys()
-            .filter(|k| !keep.contains(*k))
+            .filter(|k| !seen.contains(*k))
             .cloned()
             .collect();
         for id in gone {
             inner.forget_object(&id);
         }
+    }
+
+    /// The address watch was (re)listed: `addresses` is the complete set.
+    pub fn reset_addresses(&self, addresses: &[IPAddress]) {
+        self.begin_address_relist();
         for a in addresses {
-            inner.apply_address(a);
+            self.apply_address(a);
         }
+        self.end_address_relist();
+    }
+
+    /// Every IPv4 IPAddress the watch has shown.
+    pub fn addresses(&self) -> Vec<Arc<AddressInfo>> {
+        self.lock().objects.values().cloned().collect()
+    }
+
+    /// How many IPv4 IPAddress objects are cached.
+    pub fn address_count(&self) -> usize {
+        self.lock().objects.len()
     }
 
     /// Used and free addresses of every valid pool.
@@ -170,11 +212,17 @@ impl IpamIndex {
     }
 
     /// The IPAddress objects whose `spec.claim` names this claim.
-    pub fn addresses_of_claim(&self, namespace: &str, claim: &str) -> Vec<AddressOfClaim> {
-        self.lock()
+    pub fn addresses_of_claim(&self, namespace: &str, claim: &str) -> Vec<Arc<AddressInfo>> {
+        let inner = self.lock();
+        let id: ObjectId = (namespace.into(), claim.into());
+        inner
             .by_claim
-            .get(&(namespace.to_string(), claim.to_string()))
-            .cloned()
+            .get(&id)
+            .map(|ids| {
+                ids.iter()
+                    .filter_map(|id| inner.objects.get(id).cloned())
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -224,37 +272,82 @@ impl Inner {
         self.metas = Arc::new(metas);
     }
 
+    fn intern(&mut self, s: &str) -> Arc<str> {
+        if let Some(shared) = self.strings.get(s) {
+            return shared.clone();
+        }
+        let shared: Arc<str> = Arc::from(s);
+        self.strings.insert(shared.clone());
+        shared
+    }
+
+    fn intern_pool(&mut self, key: PoolKey) -> Arc<PoolKey> {
+        if let Some(shared) = self.pool_keys.get(&key) {
+            return shared.clone();
+        }
+        let shared = Arc::new(key);
+        self.pool_keys.insert(shared.clone());
+        shared
+    }
+
+    /// The id of an object, sharing the name with the stored one when there is one.
+    fn object_id(&mut self, namespace: &str, name: &str) -> ObjectId {
+        let ns = self.intern(namespace);
+        let probe: ObjectId = (ns, name.into());
+        match self.objects.get_key_value(&probe) {
+            Some((id, _)) => id.clone(),
+            None => probe,
+        }
+    }
+
     fn apply_address(&mut self, address: &IPAddress) {
-        let id = (address.namespace().unwrap_or_default(), address.name_any());
+        let id = self.object_id(
+            &address.namespace().unwrap_or_default(),
+            &address.name_any(),
+        );
+        if let Some(seen) = self.relisting.as_mut() {
+            seen.insert(id.clone());
+        }
         let Ok(ip) = address.spec.address.parse::<Ipv4Addr>() else {
             // Not an IPv4 address: it cannot collide with anything we hand out.
             self.forget_object(&id);
             return;
         };
-        let pool_ns = address.pool_namespace();
-        let key = PoolKey {
-            namespace: pool_ns,
+        let pool = PoolKey {
+            namespace: address.pool_namespace(),
             name: address.spec.pool.name.clone().unwrap_or_default(),
         };
-        let claim = (
-            address.claim_namespace(),
-            address.spec.claim.name.clone().unwrap_or_default(),
-        );
-        if self.objects.get(&id) == Some(&(key.clone(), ip, claim.clone())) {
+        let claim_ns = self.intern(&address.claim_namespace());
+        let claim_name = address.spec.claim.name.clone().unwrap_or_default();
+        let info = AddressInfo {
+            namespace: id.0.clone(),
+            name: id.1.clone(),
+            uid: address.uid().map(Arc::from),
+            pool: self.intern_pool(pool),
+            address: ip,
+            claim_namespace: claim_ns,
+            claim: Arc::from(claim_name),
+            created: address.creation_timestamp().map(|t| t.0),
+            ours: address.labels().get(LABEL_MANAGED_BY).map(String::as_str) == Some(MANAGER),
+            deleting: address.metadata.deletion_timestamp.is_some(),
+        };
+        if let Some(old) = self.objects.get(&id)
+            && old.pool == info.pool
+            && old.address == ip
+            && old.claim_namespace == info.claim_namespace
+            && old.claim == info.claim
+        {
+            // Same holding: only the details change; keep the claim index as it is.
+            let claim = old.claim.clone();
+            self.objects
+                .insert(id, Arc::new(AddressInfo { claim, ..info }));
             return;
         }
         self.forget_object(&id);
-        self.objects
-            .insert(id.clone(), (key.clone(), ip, claim.clone()));
-        self.by_claim
-            .entry(claim)
-            .or_default()
-            .push(AddressOfClaim {
-                namespace: id.0.clone(),
-                name: id.1.clone(),
-                pool: key.clone(),
-                address: ip,
-            });
+        let claim: ObjectId = (info.claim_namespace.clone(), info.claim.clone());
+        let key = info.pool.clone();
+        self.objects.insert(id.clone(), Arc::new(info));
+        self.by_claim.entry(claim).or_default().push(id);
         let count = self
             .holders
             .entry(key.clone())
@@ -263,33 +356,34 @@ impl Inner {
             .or_insert(0);
         *count += 1;
         if *count == 1
-            && let Some(Slot::Valid(state)) = self.pools.get_mut(&key)
+            && let Some(Slot::Valid(state)) = self.pools.get_mut(&*key)
         {
             state.observe_used(ip);
         }
     }
 
-    fn forget_object(&mut self, id: &(String, String)) {
-        let Some((key, ip, claim)) = self.objects.remove(id) else {
+    fn forget_object(&mut self, id: &ObjectId) {
+        let Some(info) = self.objects.remove(id) else {
             return;
         };
+        let claim: ObjectId = (info.claim_namespace.clone(), info.claim.clone());
         if let Some(list) = self.by_claim.get_mut(&claim) {
-            list.retain(|a| !(a.name == id.1 && a.namespace == id.0));
+            list.retain(|a| a != id);
             if list.is_empty() {
                 self.by_claim.remove(&claim);
             }
         }
-        let Some(holders) = self.holders.get_mut(&key) else {
+        let Some(holders) = self.holders.get_mut(&*info.pool) else {
             return;
         };
-        let Some(count) = holders.get_mut(&ip) else {
+        let Some(count) = holders.get_mut(&info.address) else {
             return;
         };
         *count -= 1;
         if *count == 0 {
-            holders.remove(&ip);
-            if let Some(Slot::Valid(state)) = self.pools.get_mut(&key) {
-                state.observe_released(ip);
+            holders.remove(&info.address);
+            if let Some(Slot::Valid(state)) = self.pools.get_mut(&*info.pool) {
+                state.observe_released(info.address);
             }
         }
     }

@@ -3,6 +3,7 @@
 
 pub mod cache;
 pub mod certmanager;
+pub mod claims;
 pub mod crd;
 pub mod index;
 pub mod writer;

@@ -1880,7 +1880,6 @@ pub async fn existing_claim_is_adopted(set: CrdSet) {
     )
     .await
     .unwrap();
-    let key = kube::runtime::reflector::ObjectRef::new(&claim).within(&e.ns);
     for _ in 0..250 {
         if e.hook
             .running
@@ -1888,7 +1887,7 @@ pub async fn existing_claim_is_adopted(set: CrdSet) {
             .assigner
             .caches
             .claims
-            .get(&key)
+            .get(&e.ns, &claim)
             .is_some()
         {
             break;

@@ -1,0 +1,192 @@
+//! The IPClaims of the cluster, fed by their watch, kept as a small [`ClaimInfo`] each (what
+//! admission and the background loops read) rather than as whole objects: with 100k cached
+//! IPAM objects the labels and annotations of full objects would cost most of the memory.
+//! Decisions that delete or change a claim are always taken on the live object; this cache
+//! only says where to look.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+
+use super::crd::IPClaim;
+use crate::contract::{ANNOTATION_DEVICE, ANNOTATION_MACHINE, ANNOTATION_MACHINE_UID};
+
+/// (namespace, name) of a claim.
+type ClaimId = (Arc<str>, Arc<str>);
+
+/// One IPClaim, as the cache keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimInfo {
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
+    pub uid: Option<Arc<str>>,
+    pub created: Option<Timestamp>,
+    /// Has a deletion timestamp.
+    pub deleting: bool,
+    /// `spec.pool.name`.
+    pub pool: Option<Arc<str>>,
+    /// Our annotations: the machine (`namespace/name`), its uid once adopted, the device.
+    pub machine: Option<Box<str>>,
+    pub machine_uid: Option<Box<str>>,
+    pub device: Option<Box<str>>,
+    /// `status.address.name`.
+    pub address: Option<Box<str>>,
+}
+
+impl ClaimInfo {
+    fn of(claim: &IPClaim, namespace: Arc<str>, name: Arc<str>, pool: Option<Arc<str>>) -> Self {
+        let annotation = |key: &str| claim.annotations().get(key).map(|v| v.as_str().into());
+        ClaimInfo {
+            namespace,
+            name,
+            uid: claim.uid().map(Arc::from),
+            created: claim.creation_timestamp().map(|t| t.0),
+            deleting: claim.metadata.deletion_timestamp.is_some(),
+            pool,
+            machine: annotation(ANNOTATION_MACHINE),
+            machine_uid: annotation(ANNOTATION_MACHINE_UID),
+            device: annotation(ANNOTATION_DEVICE),
+            address: claim
+                .status
+                .as_ref()
+                .and_then(|s| s.address.as_ref())
+                .and_then(|a| a.name.as_deref())
+                .map(Into::into),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    claims: HashMap<ClaimId, Arc<ClaimInfo>>,
+    /// One shared copy of each namespace and pool name.
+    strings: HashSet<Arc<str>>,
+    /// The claims seen since the watch started a relist.
+    relisting: Option<HashSet<ClaimId>>,
+}
+
+impl Inner {
+    fn intern(&mut self, s: &str) -> Arc<str> {
+        if let Some(shared) = self.strings.get(s) {
+            return shared.clone();
+        }
+        let shared: Arc<str> = Arc::from(s);
+        self.strings.insert(shared.clone());
+        shared
+    }
+}
+
+/// Thread-safe cache of every IPClaim.
+#[derive(Default)]
+pub struct ClaimCache {
+    inner: Mutex<Inner>,
+}
+
+impl ClaimCache {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The claim `namespace/name`, if the watch has shown it.
+    pub fn get(&self, namespace: &str, name: &str) -> Option<Arc<ClaimInfo>> {
+        let id: ClaimId = (namespace.into(), name.into());
+        self.lock().claims.get(&id).cloned()
+    }
+
+    /// Every cached claim.
+    pub fn all(&self) -> Vec<Arc<ClaimInfo>> {
+        self.lock().claims.values().cloned().collect()
+    }
+
+    /// How many claims are cached.
+    pub fn len(&self) -> usize {
+        self.lock().claims.len()
+    }
+
+    /// Whether no claim is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A claim was added or changed.
+    pub fn apply(&self, claim: &IPClaim) {
+        let mut inner = self.lock();
+        let ns = inner.intern(&claim.namespace().unwrap_or_default());
+        let pool = claim.spec.pool.name.as_deref().map(|p| inner.intern(p));
+        let probe: ClaimId = (ns.clone(), claim.name_any().into());
+        let id = match inner.claims.get_key_value(&probe) {
+            Some((id, _)) => id.clone(),
+            None => probe,
+        };
+        if let Some(seen) = inner.relisting.as_mut() {
+            seen.insert(id.clone());
+        }
+        let info = ClaimInfo::of(claim, ns, id.1.clone(), pool);
+        inner.claims.insert(id, Arc::new(info));
+    }
+
+    /// A claim was deleted.
+    pub fn delete(&self, claim: &IPClaim) {
+        let id: ClaimId = (
+            claim.namespace().unwrap_or_default().into(),
+            claim.name_any().into(),
+        );
+        self.lock().claims.remove(&id);
+    }
+
+    /// The watch starts a relist; see [`ClaimCache::end_relist`].
+    pub fn begin_relist(&self) {
+        self.lock().relisting = Some(HashSet::new());
+    }
+
+    /// The relist is complete: claims it did not list are gone.
+    pub fn end_relist(&self) {
+        let mut inner = self.lock();
+        if let Some(seen) = inner.relisting.take() {
+            inner.claims.retain(|id, _| seen.contains(id));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::crd::IPClaimSpec;
+
+    fn claim(ns: &str, name: &str, machine: Option<&str>) -> IPClaim {
+        let mut c = IPClaim::new(name, IPClaimSpec::default());
+        c.metadata.namespace = Some(ns.into());
+        c.spec.pool.name = Some("pool".into());
+        if let Some(m) = machine {
+            c.annotations_mut()
+                .insert(ANNOTATION_MACHINE.into(), m.into());
+        }
+        c
+    }
+
+    #[test]
+    fn keeps_what_is_read_and_follows_relists() {
+        let cache = ClaimCache::default();
+        cache.apply(&claim("a", "one", Some("a/m")));
+        cache.apply(&claim("a", "two", None));
+        let one = cache.get("a", "one").unwrap();
+        assert_eq!(one.machine.as_deref(), Some("a/m"));
+        assert_eq!(one.pool.as_deref(), Some("pool"));
+        assert!(cache.get("b", "one").is_none());
+
+        cache.begin_relist();
+        cache.apply(&claim("a", "two", Some("a/n")));
+        cache.end_relist();
+        assert!(cache.get("a", "one").is_none());
+        assert_eq!(
+            cache.get("a", "two").unwrap().machine.as_deref(),
+            Some("a/n")
+        );
+        assert_eq!(cache.len(), 1);
+
+        cache.delete(&claim("a", "two", None));
+        assert!(cache.is_empty());
+    }
+}
