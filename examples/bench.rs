@@ -557,16 +557,20 @@ async fn main() {
     // Warm-up (connections, caches, allocator): not measured.
     let _ = burst(&client, &hook, &empty_ns, "warm", 10, 5).await;
 
-    eprintln!("bench: bursts on the empty /16");
-    let empty = [
-        burst(&client, &hook, &empty_ns, "a", 100, 20).await,
-        burst(&client, &hook, &empty_ns, "b", 200, 50).await,
-    ];
-    eprintln!("bench: floor");
-    let floors = [
-        floor(&client, &floor_ns, "fa", 100, 20).await,
-        floor(&client, &floor_ns, "fb", 200, 50).await,
-    ];
+    // Each burst is followed at once by its floor, so that both see the same machine (other
+    // work on a shared machine moves both figures alike).
+    eprintln!("bench: bursts on the empty /16, each followed by its floor");
+    // A pause before each lets the background work of the one before settle.
+    let settle = || tokio::time::sleep(Duration::from_secs(2));
+    let empty_a = burst(&client, &hook, &empty_ns, "a", 100, 20).await;
+    settle().await;
+    let floor_a = floor(&client, &floor_ns, "fa", 100, 20).await;
+    settle().await;
+    let empty_b = burst(&client, &hook, &empty_ns, "b", 200, 50).await;
+    settle().await;
+    let floor_b = floor(&client, &floor_ns, "fb", 200, 50).await;
+    let empty = [empty_a, empty_b];
+    let floors = [floor_a, floor_b];
 
     eprintln!("bench: pre-filling {prefill} addresses of the second /16 at 64 in flight");
     let addrs = dynamic(
