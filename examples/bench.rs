@@ -6,10 +6,12 @@
 //! 1. resident memory of the webhook binary (`target/release/cape-static-ip serve`, a child
 //!    process) idle;
 //! 2. bursts of ElfMachine creates through the apiserver (100 at concurrency 20, 200 at 50) on
-//!    an empty /16: admission latency (timed around the webhook's handler, and from its own
-//!    Prometheus histogram), client create latency, machines/s;
+//!    an empty /16, after a warm-up: admission latency (timed around the webhook's handler,
+//!    and from its own Prometheus histogram), client create latency, machines/s;
 //! 3. the floor: the same number of bare creates of what one allocation writes (IPAddress,
-//!    IPClaim, claim status, ElfMachine; no webhook) at the same concurrency;
+//!    IPClaim, claim status, ElfMachine; no webhook) at the same concurrency, each round
+//!    right after the burst it is compared with (3 rounds; latencies over all of them,
+//!    machines/s their median);
 //! 4. the same bursts on a /16 with 60,000 addresses already used (pre-filled at 64 in flight);
 //! 5. resident memory of a fresh webhook child with 100,000 IPAM objects cached;
 //! 6. the allocator micro-benchmarks, read from criterion's output when `cargo bench --bench
@@ -229,8 +231,90 @@ struct Burst {
     admission_ms: [f64; 3],
     admission_hist_ms: [f64; 3],
     create_ms: [f64; 2],
+    /// The median over the rounds.
     machines_per_s: f64,
+    rounds_per_s: Vec<f64>,
     failures: usize,
+    #[serde(skip)]
+    admission_raw: Vec<f64>,
+    #[serde(skip)]
+    create_raw: Vec<f64>,
+}
+
+/// Measured rounds of each burst and floor: latencies are taken over all rounds,
+/// throughput is their median, so that one disturbed round does not decide a figure.
+const ROUNDS: usize = 3;
+
+fn rounds_text(v: &[f64]) -> String {
+    v.iter()
+        .map(|x| format!("{x:.0}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn median(v: &[f64]) -> f64 {
+    percentile(&sorted(v.to_vec()), 50.0)
+}
+
+/// `ROUNDS` bursts of `n` at `concurrency` on `ns`, each followed (after a pause that lets
+/// its background work settle) by the floor of the same shape in `floor_ns`.
+async fn rounds(
+    client: &Client,
+    hook: &InProcess,
+    ns: &str,
+    tag: &str,
+    n: usize,
+    concurrency: usize,
+    floor_ns: Option<(&str, usize)>,
+) -> (Burst, Option<Floor>) {
+    let settle = || tokio::time::sleep(Duration::from_secs(2));
+    let before = histogram(&hook.state.metrics);
+    let mut bursts = Vec::new();
+    let mut floors = Vec::new();
+    for r in 0..ROUNDS {
+        settle().await;
+        bursts.push(burst(client, hook, ns, &format!("{tag}{r}"), n, concurrency).await);
+        if let Some((floor_ns, base)) = floor_ns {
+            settle().await;
+            let prefix = format!("f{tag}{r}");
+            floors.push(floor(client, floor_ns, &prefix, base + r * n, n, concurrency).await);
+        }
+    }
+    let after = histogram(&hook.state.metrics);
+    let admission = sorted(
+        bursts
+            .iter()
+            .flat_map(|b| b.admission_raw.clone())
+            .collect(),
+    );
+    let create = sorted(bursts.iter().flat_map(|b| b.create_raw.clone()).collect());
+    let per_s: Vec<f64> = bursts.iter().map(|b| b.machines_per_s).collect();
+    let merged = Burst {
+        pool: ns.to_string(),
+        machines: n,
+        concurrency,
+        admission_ms: [50.0, 90.0, 99.0].map(|p| percentile(&admission, p)),
+        admission_hist_ms: [0.5, 0.9, 0.99].map(|q| histogram_quantile(&before, &after, q)),
+        create_ms: [50.0, 99.0].map(|p| percentile(&create, p)),
+        machines_per_s: median(&per_s),
+        rounds_per_s: per_s,
+        failures: bursts.iter().map(|b| b.failures).sum(),
+        admission_raw: Vec::new(),
+        create_raw: Vec::new(),
+    };
+    let floor = (!floors.is_empty()).then(|| {
+        let chains = sorted(floors.iter().flat_map(|f| f.chain_raw.clone()).collect());
+        let per_s: Vec<f64> = floors.iter().map(|f| f.machines_per_s).collect();
+        Floor {
+            machines: n,
+            concurrency,
+            machines_per_s: median(&per_s),
+            rounds_per_s: per_s,
+            chain_ms: [percentile(&chains, 50.0), percentile(&chains, 99.0)],
+            chain_raw: Vec::new(),
+        }
+    });
+    (merged, floor)
 }
 
 async fn burst(
@@ -293,7 +377,10 @@ async fn burst(
         admission_hist_ms: [0.5, 0.9, 0.99].map(|q| histogram_quantile(&before, &after, q)),
         create_ms: [50.0, 99.0].map(|p| percentile(&create, p)),
         machines_per_s: create.len() as f64 / wall,
+        rounds_per_s: Vec::new(),
         failures: failures.len(),
+        admission_raw: admission,
+        create_raw: create,
     }
 }
 
@@ -301,8 +388,12 @@ async fn burst(
 struct Floor {
     machines: usize,
     concurrency: usize,
+    /// The median over the rounds.
     machines_per_s: f64,
+    rounds_per_s: Vec<f64>,
     chain_ms: [f64; 2],
+    #[serde(skip)]
+    chain_raw: Vec<f64>,
 }
 
 fn obj(v: Value) -> kube::core::DynamicObject {
@@ -311,8 +402,15 @@ fn obj(v: Value) -> kube::core::DynamicObject {
 
 /// The writes of one allocation without the webhook: IPAddress, IPClaim, claim status,
 /// ElfMachine (with its address already in), one after the other; `n` such chains at
-/// `concurrency`.
-async fn floor(client: &Client, ns: &str, prefix: &str, n: usize, concurrency: usize) -> Floor {
+/// `concurrency`. Chain `i` writes address number `base + i` of 10.99.0.0/16.
+async fn floor(
+    client: &Client,
+    ns: &str,
+    prefix: &str,
+    base: usize,
+    n: usize,
+    concurrency: usize,
+) -> Floor {
     let addrs = dynamic(
         client,
         ns,
@@ -336,7 +434,7 @@ async fn floor(client: &Client, ns: &str, prefix: &str, n: usize, concurrency: u
         let name = format!("{prefix}-{i:04}");
         async move {
             let t = Instant::now();
-            let k = i + if prefix == "fb" { 1000 } else { 0 };
+            let k = base + i;
             let ip = format!("10.99.{}.{}", k / 250, k % 250 + 1);
             let addr_name = format!("floor-{}", ip.replace('.', "-"));
             let claim_name = format!("{ns}-{name}-0");
@@ -374,7 +472,9 @@ async fn floor(client: &Client, ns: &str, prefix: &str, n: usize, concurrency: u
         machines: n,
         concurrency,
         machines_per_s: n as f64 / wall,
+        rounds_per_s: Vec::new(),
         chain_ms: [percentile(&times, 50.0), percentile(&times, 99.0)],
+        chain_raw: times,
     }
 }
 
@@ -554,23 +654,33 @@ async fn main() {
         .await
         .unwrap();
 
-    // Warm-up (connections, caches, allocator): not measured.
-    let _ = burst(&client, &hook, &empty_ns, "warm", 10, 5).await;
+    // Warm-up (connections on every path, caches, allocator): not measured.
+    let _ = burst(&client, &hook, &empty_ns, "warm", 50, 50).await;
+    let _ = floor(&client, &floor_ns, "fwarm", 60_000, 50, 50).await;
 
-    // Each burst is followed at once by its floor, so that both see the same machine (other
-    // work on a shared machine moves both figures alike).
-    eprintln!("bench: bursts on the empty /16, each followed by its floor");
-    // A pause before each lets the background work of the one before settle.
-    let settle = || tokio::time::sleep(Duration::from_secs(2));
-    let empty_a = burst(&client, &hook, &empty_ns, "a", 100, 20).await;
-    settle().await;
-    let floor_a = floor(&client, &floor_ns, "fa", 100, 20).await;
-    settle().await;
-    let empty_b = burst(&client, &hook, &empty_ns, "b", 200, 50).await;
-    settle().await;
-    let floor_b = floor(&client, &floor_ns, "fb", 200, 50).await;
+    eprintln!("bench: bursts on the empty /16, each followed by its floor ({ROUNDS} rounds)");
+    let (empty_a, floor_a) = rounds(
+        &client,
+        &hook,
+        &empty_ns,
+        "a",
+        100,
+        20,
+        Some((&floor_ns, 0)),
+    )
+    .await;
+    let (empty_b, floor_b) = rounds(
+        &client,
+        &hook,
+        &empty_ns,
+        "b",
+        200,
+        50,
+        Some((&floor_ns, 1000)),
+    )
+    .await;
     let empty = [empty_a, empty_b];
-    let floors = [floor_a, floor_b];
+    let floors = [floor_a.expect("floor"), floor_b.expect("floor")];
 
     eprintln!("bench: pre-filling {prefill} addresses of the second /16 at 64 in flight");
     let addrs = dynamic(
@@ -613,21 +723,22 @@ async fn main() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let _ = burst(&client, &hook, &full_ns, "warm", 10, 5).await;
-    eprintln!("bench: bursts on the filled /16");
+    let _ = burst(&client, &hook, &full_ns, "warm", 50, 50).await;
+    eprintln!("bench: bursts on the filled /16 ({ROUNDS} rounds)");
     let full = [
-        burst(&client, &hook, &full_ns, "a", 100, 20).await,
-        burst(&client, &hook, &full_ns, "b", 200, 50).await,
+        rounds(&client, &hook, &full_ns, "a", 100, 20, None).await.0,
+        rounds(&client, &hook, &full_ns, "b", 200, 50, None).await.0,
     ];
 
     // IPAM objects in the cluster now: the pre-fill, 2 per machine admitted, 2 per floor chain.
-    let admitted: usize = empty
-        .iter()
-        .chain(full.iter())
-        .map(|b| b.machines)
-        .sum::<usize>()
-        + 20;
-    let existing = filled + 2 * admitted + 2 * 300;
+    let admitted: usize = ROUNDS
+        * empty
+            .iter()
+            .chain(full.iter())
+            .map(|b| b.machines)
+            .sum::<usize>()
+        + 100;
+    let existing = filled + 2 * admitted + 2 * (ROUNDS * 300 + 50);
     let wanted = mem_objects.saturating_sub(existing);
     let left = budget.saturating_sub(Duration::from_secs_f64(fill_s));
     eprintln!("bench: creating {wanted} IPClaims for the memory figure (budget {left:?})");
@@ -693,8 +804,9 @@ async fn main() {
             row(
                 format!("machines/s ({tag})"),
                 format!(
-                    "{:.1}{}",
+                    "{:.1} (rounds {}){}",
                     b.machines_per_s,
+                    rounds_text(&b.rounds_per_s),
                     if b.failures > 0 {
                         format!(" ({} failed)", b.failures)
                     } else {
@@ -716,8 +828,11 @@ async fn main() {
                 f.machines, f.concurrency
             ),
             format!(
-                "{:.1} (chain p50/p99 {:.1} / {:.1} ms)",
-                f.machines_per_s, f.chain_ms[0], f.chain_ms[1]
+                "{:.1} (rounds {}; chain p50/p99 {:.1} / {:.1} ms)",
+                f.machines_per_s,
+                rounds_text(&f.rounds_per_s),
+                f.chain_ms[0],
+                f.chain_ms[1]
             ),
             "",
         );

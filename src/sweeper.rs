@@ -19,8 +19,8 @@ use json_patch::{Patch, PatchOperation, RemoveOperation, TestOperation};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch as KubePatch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
@@ -81,8 +81,15 @@ impl Sweeper {
     /// Runs every loop until the task is dropped.
     pub async fn run(self) {
         let api: Api<ElfMachine> = Api::all(self.assigner.client.clone());
-        let controller = Controller::new(api, watcher::Config::default().any_semantic());
-        let machines = controller.store();
+        // Our own reflector (not Controller::new) to drop managedFields, the bulk of a
+        // machine written by several managers, before it is stored.
+        let (machines, writer) = reflector::store();
+        let trigger = watcher(api, watcher::Config::default().any_semantic())
+            .default_backoff()
+            .modify(|m: &mut ElfMachine| m.metadata.managed_fields = None)
+            .reflect(writer)
+            .applied_objects();
+        let controller = Controller::for_stream(trigger, machines.clone());
         let this = Arc::new(self);
         this.assigner.caches.wait_ready().await;
         let periodic = {
@@ -749,20 +756,17 @@ impl Sweeper {
                 continue;
             }
             let want = wanted.remove(&key).unwrap_or_default();
-            let have = pool
-                .status
-                .as_ref()
-                .map(|s| s.indexes.clone())
-                .unwrap_or_default();
-            if want == have {
+            let empty = BTreeMap::new();
+            let have = pool.status.as_ref().map_or(&empty, |s| &s.indexes);
+            if want == *have {
                 continue;
             }
-            // A merge patch must null out keys that went away.
+            // Only what changed; a merge patch nulls out keys that went away.
             let mut indexes = serde_json::Map::new();
             for k in have.keys().filter(|k| !want.contains_key(*k)) {
                 indexes.insert(k.clone(), serde_json::Value::Null);
             }
-            for (k, v) in &want {
+            for (k, v) in want.iter().filter(|(k, v)| have.get(*k) != Some(*v)) {
                 indexes.insert(k.clone(), json!(v));
             }
             let patch = json!({"status": {"indexes": indexes, "lastUpdated": Timestamp::now().to_string()}});
