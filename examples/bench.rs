@@ -39,9 +39,11 @@ use axum::middleware::Next;
 use axum_server::tls_rustls::RustlsConfig;
 use cape_static_ip::assign::Assigner;
 use cape_static_ip::cluster::cache::Caches;
+use cape_static_ip::events::Events;
 use cape_static_ip::http::{AppState, webhook_router};
 use cape_static_ip::ipam::PoolKey;
 use cape_static_ip::metrics::Metrics;
+use cape_static_ip::sweeper::{Sweeper, SweeperOptions};
 use cape_static_ip::tls::ReloadingCert;
 use controlplane::{CrdSet, shared, temp_namespace};
 use futures::StreamExt;
@@ -80,20 +82,33 @@ struct InProcess {
     _tasks: tokio::task::JoinSet<()>,
 }
 
+/// The webhook as `serve` runs it (caches, events, the background loops with their default
+/// timings), plus a timing layer around the handler.
 async fn start_webhook(client: &Client, certs: &Path) -> InProcess {
     let mut tasks = tokio::task::JoinSet::new();
     let caches = Caches::start(client, &mut tasks);
+    let metrics = Arc::new(Metrics::default());
+    let events = Events::start(client.clone(), &mut tasks);
     let state = AppState {
         assigner: Assigner {
             client: client.clone(),
             caches,
             default_namespace: "cape-system".into(),
-            metrics: Arc::new(Metrics::default()),
-            events: Default::default(),
+            metrics: metrics.clone(),
+            events,
         },
-        metrics: Arc::new(Metrics::default()),
+        metrics: metrics.clone(),
         stopping: Arc::new(AtomicBool::new(false)),
     };
+    let sweeper = Sweeper::new(
+        state.assigner.clone(),
+        metrics,
+        SweeperOptions {
+            resync: Duration::from_secs(300),
+            claim_grace: Duration::from_secs(120),
+        },
+    );
+    tasks.spawn(sweeper.run());
     let samples: Samples = Arc::default();
     let timing = samples.clone();
     let router = webhook_router(state.clone()).layer(axum::middleware::from_fn(
@@ -576,6 +591,67 @@ async fn child_rss(binary: &Path, kubeconfig: &Path, certs: &Path) -> (f64, f64,
 }
 
 /// Criterion's estimates (mean, ns) of the allocator benchmarks, when they ran.
+/// Where the CPU goes during one extra, unmeasured burst of 300 at concurrency 20: a
+/// system-wide `perf record` (when perf is installed and allowed; `BENCH_PROFILE=0` skips it),
+/// summed by process. The webhook and the load generator share this process.
+async fn cpu_split(client: &Client, hook: &InProcess, ns: &str, target: &Path) -> Option<String> {
+    if std::env::var("BENCH_PROFILE").is_ok_and(|v| v == "0") {
+        return None;
+    }
+    let _ = std::fs::create_dir_all(target.join("bench"));
+    let data = target.join("bench/perf.data");
+    let mut perf = std::process::Command::new("perf")
+        .args(["record", "-a", "-F", "499", "-o"])
+        .arg(&data)
+        .args(["--", "sleep", "120"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .ok()?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = burst(client, hook, ns, "profile", 300, 20).await;
+    let _ = std::process::Command::new("kill")
+        .args(["-INT", &perf.id().to_string()])
+        .status();
+    let _ = perf.wait();
+    let report = std::process::Command::new("perf")
+        .args(["report", "--sort", "comm", "--stdio", "-i"])
+        .arg(&data)
+        .output()
+        .ok()?;
+    let mut by: Vec<(String, f64)> = Vec::new();
+    for line in String::from_utf8_lossy(&report.stdout).lines() {
+        let mut parts = line.split_whitespace();
+        let (Some(pct), Some(comm)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        let Ok(pct) = pct.trim_end_matches('%').parse::<f64>() else {
+            continue;
+        };
+        let who = match comm {
+            "swapper" => "idle",
+            "kube-apiserver" => "kube-apiserver",
+            "etcd" => "etcd",
+            c if c.starts_with("tokio-rt") || c == "bench" => "webhook + load generator",
+            _ => "other",
+        };
+        match by.iter_mut().find(|(w, _)| w == who) {
+            Some((_, p)) => *p += pct,
+            None => by.push((who.to_string(), pct)),
+        }
+    }
+    if by.is_empty() {
+        return None;
+    }
+    by.sort_by(|a, b| b.1.total_cmp(&a.1));
+    Some(
+        by.iter()
+            .map(|(w, p)| format!("{w} {p:.0}%"))
+            .collect::<Vec<_>>()
+            .join(", "),
+    )
+}
+
 fn criterion_results(target: &Path) -> Vec<(String, f64)> {
     let mut out = Vec::new();
     let mut stack = vec![target.join("criterion")];
@@ -682,6 +758,8 @@ async fn main() {
     let empty = [empty_a, empty_b];
     let floors = [floor_a.expect("floor"), floor_b.expect("floor")];
 
+    let profile = cpu_split(&client, &hook, &empty_ns, &target).await;
+
     eprintln!("bench: pre-filling {prefill} addresses of the second /16 at 64 in flight");
     let addrs = dynamic(
         &client,
@@ -737,7 +815,8 @@ async fn main() {
             .chain(full.iter())
             .map(|b| b.machines)
             .sum::<usize>()
-        + 100;
+        + 100
+        + 300;
     let existing = filled + 2 * admitted + 2 * (ROUNDS * 300 + 50);
     let wanted = mem_objects.saturating_sub(existing);
     let left = budget.saturating_sub(Duration::from_secs_f64(fill_s));
@@ -860,6 +939,13 @@ async fn main() {
         format!("{fill_s:.1} s ({fill_rate:.0}/s)"),
         "",
     );
+    if let Some(split) = &profile {
+        row(
+            "CPU by process during a 300 @ 20 burst (perf)".into(),
+            split.clone(),
+            "",
+        );
+    }
     row("webhook RSS idle".into(), format!("{rss_idle:.1} MiB"), "");
     row(
         format!("webhook RSS, {cached} IPAM objects cached"),

@@ -66,6 +66,9 @@ pub struct Sweeper {
     metrics: Arc<Metrics>,
     options: SweeperOptions,
     failures: Mutex<HashMap<String, u32>>,
+    /// Pools whose `status.indexes` the apiserver refused as too large, with the number of
+    /// entries refused: not retried until the pool holds fewer.
+    oversized: Mutex<HashMap<(String, String), usize>>,
 }
 
 impl Sweeper {
@@ -75,6 +78,7 @@ impl Sweeper {
             metrics,
             options,
             failures: Mutex::new(HashMap::new()),
+            oversized: Mutex::new(HashMap::new()),
         }
     }
 
@@ -756,6 +760,15 @@ impl Sweeper {
                 continue;
             }
             let want = wanted.remove(&key).unwrap_or_default();
+            let refused = self
+                .oversized
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&key)
+                .copied();
+            if refused.is_some_and(|n| want.len() >= n) {
+                continue;
+            }
             let empty = BTreeMap::new();
             let have = pool.status.as_ref().map_or(&empty, |s| &s.indexes);
             if want == *have {
@@ -770,14 +783,46 @@ impl Sweeper {
                 indexes.insert(k.clone(), json!(v));
             }
             let patch = json!({"status": {"indexes": indexes, "lastUpdated": Timestamp::now().to_string()}});
-            if let Err(e) = Api::<IPPool>::namespaced(self.assigner.client.clone(), &key.0)
+            match Api::<IPPool>::namespaced(self.assigner.client.clone(), &key.0)
                 .patch_status(&key.1, &PatchParams::default(), &KubePatch::Merge(&patch))
                 .await
             {
-                tracing::warn!(pool = %format!("{}/{}", key.0, key.1), error = %e, "could not update pool status");
+                Ok(_) => {
+                    self.oversized
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&key);
+                }
+                Err(kube::Error::Api(s)) if too_large(&s) => {
+                    // Rewriting it every pass would cost the apiserver a large request for
+                    // nothing: wait until the pool shrinks.
+                    tracing::warn!(pool = %format!("{}/{}", key.0, key.1), entries = want.len(), error = %s, "status.indexes is too large for the apiserver; not written until the pool holds fewer addresses");
+                    self.assigner.events.emit(Note {
+                        regarding: events::pool_ref(&key.0, &key.1, pool.uid()),
+                        warning: true,
+                        reason: "StatusTooLarge",
+                        action: "UpdateStatus",
+                        message: format!(
+                            "status.indexes with {} entries exceeds the apiserver's size limit; it is not updated until the pool holds fewer addresses (the IPAddress objects remain the record)",
+                            want.len()
+                        ),
+                    });
+                    self.oversized
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(key, want.len());
+                }
+                Err(e) => {
+                    tracing::warn!(pool = %format!("{}/{}", key.0, key.1), error = %e, "could not update pool status")
+                }
             }
         }
     }
+}
+
+/// Whether the apiserver refused a write for its size (its request limit, or etcd's).
+fn too_large(s: &kube::core::Status) -> bool {
+    s.code == 413 || s.message.contains("too large")
 }
 
 fn api_err(ns: &str, name: &str) -> impl FnOnce(kube::Error) -> SweepError {
@@ -834,4 +879,21 @@ async fn remove_finalizer(client: &kube::Client, machine: &ElfMachine) -> Result
     Err(failed(kube::Error::Api(Box::new(
         kube::core::Status::failure("the finalizer list kept changing", "Conflict"),
     ))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn size_refusals_are_recognised() {
+        // What kube-apiserver 1.34 answers to a 1.9 MB status patch of a 60k-address pool.
+        let etcd = kube::core::Status::failure("etcdserver: request is too large", "");
+        assert!(too_large(&etcd));
+        let mut body = kube::core::Status::failure("the request body is too big", "");
+        body.code = 413;
+        assert!(too_large(&body));
+        let conflict = kube::core::Status::failure("the object has been modified", "Conflict");
+        assert!(!too_large(&conflict));
+    }
 }
