@@ -96,6 +96,7 @@ async fn start_webhook(client: &Client, certs: &Path) -> InProcess {
             default_namespace: "cape-system".into(),
             metrics: metrics.clone(),
             events,
+            activity: Default::default(),
         },
         metrics: metrics.clone(),
         stopping: Arc::new(AtomicBool::new(false)),
@@ -288,7 +289,12 @@ async fn rounds(
     let mut floors = Vec::new();
     for r in 0..ROUNDS {
         settle().await;
-        bursts.push(burst(client, hook, ns, &format!("{tag}{r}"), n, concurrency).await);
+        let b = burst(client, hook, ns, &format!("{tag}{r}"), n, concurrency).await;
+        eprintln!(
+            "bench: {ns} {n} @ {concurrency} round {r}: {:.1} machines/s, admission p99 {:.1} ms",
+            b.machines_per_s, b.admission_ms[2]
+        );
+        bursts.push(b);
         if let Some((floor_ns, base)) = floor_ns {
             settle().await;
             let prefix = format!("f{tag}{r}");
@@ -696,6 +702,9 @@ async fn main() {
     let prefill = env_usize("BENCH_PREFILL", 60_000).min(65_000);
     let budget = Duration::from_secs(env_usize("BENCH_FILL_BUDGET_SECS", 240) as u64);
 
+    if std::env::var("RUST_LOG").is_ok() {
+        cape_static_ip::serve::init_logging(cape_static_ip::cli::LogFormat::Text);
+    }
     eprintln!("bench: starting the control plane");
     let cp = shared(CrdSet::Current);
     let client = cp.client().await;

@@ -121,6 +121,39 @@ pub struct Assigner {
     pub metrics: Arc<Metrics>,
     /// Events on pools (and machines that exist), published off the request path.
     pub events: Events,
+    /// When addresses were last assigned (background housekeeping yields to a burst).
+    pub activity: Arc<Activity>,
+}
+
+/// When the last assignment happened, so that background writes that can wait (binding
+/// claims to machine uids, pool status) do not compete with a scale-up for the apiserver.
+#[derive(Debug, Default)]
+pub struct Activity {
+    /// Milliseconds since the Unix epoch; 0 before the first assignment.
+    last_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Activity {
+    fn now_ms() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    }
+
+    /// Records an assignment now.
+    pub fn touch(&self) {
+        self.last_ms
+            .store(Self::now_ms(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How long ago the last assignment was (`Duration::MAX` if none).
+    pub fn idle_for(&self) -> Duration {
+        match self.last_ms.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => Duration::MAX,
+            last => Duration::from_millis(Self::now_ms().saturating_sub(last)),
+        }
+    }
 }
 
 /// What one request wrote, to give back on failure.
@@ -143,6 +176,9 @@ impl Assigner {
             .collect();
         if wanted.is_empty() {
             return Ok(Vec::new());
+        }
+        if !dry_run {
+            self.activity.touch();
         }
         let template_labels = self.template_labels(m).await;
         let mut leases = Vec::new();

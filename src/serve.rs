@@ -85,6 +85,7 @@ pub async fn start(client: Client, options: Options) -> anyhow::Result<Running> 
         default_namespace: default_pool_namespace,
         metrics: metrics.clone(),
         events,
+        activity: Default::default(),
     };
     let state = AppState {
         assigner: assigner.clone(),

@@ -35,6 +35,11 @@ use crate::ipam::select::PoolKey;
 use crate::metrics::{Metrics, PoolLabels};
 use crate::patch::{self, Extras};
 
+/// Housekeeping that can wait starts only after admission has been quiet this long...
+const QUIET: Duration = Duration::from_secs(2);
+/// ...or after waiting this long, so that it still progresses during a long scale-up.
+const MAX_YIELD: Duration = Duration::from_secs(60);
+
 /// Timing of the loops.
 #[derive(Debug, Clone, Copy)]
 pub struct SweeperOptions {
@@ -373,6 +378,20 @@ impl Sweeper {
         {
             addresses.push(derived);
         }
+        // Read the addresses while the claim still exists, and delete only those objects
+        // (by uid) after it: once the claim is gone its machine may be released and a new
+        // machine of the same name may take the same address, under the same names.
+        let mut held: Vec<(String, Option<String>)> = Vec::new();
+        for address in addresses.iter() {
+            if let Some(a) = writer::get_address(client, &ns, address)
+                .await
+                .map_err(api(format!("reading IPAddress {ns}/{address}")))?
+                && a.spec.claim.name.as_deref() == Some(name.as_str())
+            {
+                held.push((address.clone(), a.uid()));
+            }
+        }
+        let addresses: Vec<String> = held.iter().map(|(a, _)| a.clone()).collect();
         // The claim first: metal3's controller, when it runs, must not see a live claim
         // without an address (it would allocate a new one).
         tracing::debug!(claim = %format!("{ns}/{name}"), "releasing claim");
@@ -384,10 +403,18 @@ impl Sweeper {
                 Err(kube::Error::Api(s)) if s.code == 409 => return Ok(()),
                 Err(e) => return Err(api(format!("deleting IPClaim {ns}/{name}"))(e)),
             };
-        for address in &addresses {
-            let state = writer::delete_address(client, &ns, address, None)
-                .await
-                .map_err(api(format!("deleting IPAddress {ns}/{address}")))?;
+        if claim_state == writer::Deleted::Missing {
+            // Another replica released it, addresses included; what it may have left behind
+            // is found by the machine's release or the sweep, on live objects.
+            return Ok(());
+        }
+        for (address, uid) in &held {
+            let state = match writer::delete_address(client, &ns, address, uid.as_deref()).await {
+                Ok(state) => state,
+                // Replaced since it was read: not this claim's any more.
+                Err(kube::Error::Api(s)) if s.code == 409 => continue,
+                Err(e) => return Err(api(format!("deleting IPAddress {ns}/{address}"))(e)),
+            };
             if state != writer::Deleted::Finalizing {
                 continue;
             }
@@ -645,6 +672,7 @@ impl Sweeper {
             }
         }
         for ((ns, name), claims) in adopt {
+            self.yield_to_admission().await;
             let live = Api::<ElfMachine>::namespaced(self.assigner.client.clone(), &ns)
                 .get_opt(&name)
                 .await;
@@ -703,6 +731,15 @@ impl Sweeper {
         }
     }
 
+    /// Waits until no address has been assigned for [`QUIET`] (at most [`MAX_YIELD`]): binding
+    /// claims and pool status can wait, a scale-up should not.
+    async fn yield_to_admission(&self) {
+        let deadline = tokio::time::Instant::now() + MAX_YIELD;
+        while self.assigner.activity.idle_for() < QUIET && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(QUIET / 4).await;
+        }
+    }
+
     /// Whether a claim was created longer than `--claim-grace` ago.
     fn older_than_grace(&self, created: Option<Timestamp>) -> bool {
         created
@@ -739,6 +776,7 @@ impl Sweeper {
     /// Writes `status.indexes` (claim → address) of every pool whose status differs from
     /// the IPAddresses that exist.
     async fn update_pool_status(&self) {
+        self.yield_to_admission().await;
         let index = &self.assigner.caches.index;
         let mut wanted: HashMap<(String, String), BTreeMap<String, String>> = HashMap::new();
         for a in index.addresses() {
