@@ -250,6 +250,8 @@ struct Burst {
     /// The median over the rounds.
     machines_per_s: f64,
     rounds_per_s: Vec<f64>,
+    /// Admission p99 of each round (timed around the handler).
+    rounds_p99_ms: Vec<f64>,
     failures: usize,
     #[serde(skip)]
     admission_raw: Vec<f64>,
@@ -319,6 +321,7 @@ async fn rounds(
         create_ms: [50.0, 99.0].map(|p| percentile(&create, p)),
         machines_per_s: median(&per_s),
         rounds_per_s: per_s,
+        rounds_p99_ms: bursts.iter().map(|b| b.admission_ms[2]).collect(),
         failures: bursts.iter().map(|b| b.failures).sum(),
         admission_raw: Vec::new(),
         create_raw: Vec::new(),
@@ -399,6 +402,7 @@ async fn burst(
         create_ms: [50.0, 99.0].map(|p| percentile(&create, p)),
         machines_per_s: create.len() as f64 / wall,
         rounds_per_s: Vec::new(),
+        rounds_p99_ms: Vec::new(),
         failures: failures.len(),
         admission_raw: admission,
         create_raw: create,
@@ -861,7 +865,11 @@ async fn main() {
     // ---- the table ----
     let mut rows: Vec<(String, String, String)> = Vec::new();
     let mut row = |m: String, v: String, t: &str| rows.push((m, v, t.to_string()));
-    let ratio_p99 = [0, 1].map(|i| full[i].admission_ms[2] / empty[i].admission_ms[2]);
+    // The ratio of the median round's p99 (one disturbed round does not decide it), and of the
+    // p99 over all rounds.
+    let ratio_p99 =
+        [0, 1].map(|i| median(&full[i].rounds_p99_ms) / median(&empty[i].rounds_p99_ms));
+    let ratio_pooled = [0, 1].map(|i| full[i].admission_ms[2] / empty[i].admission_ms[2]);
     for (label, bursts) in [
         ("empty /16", &empty),
         (&*format!("/16 with {filled} used"), &full),
@@ -936,10 +944,16 @@ async fn main() {
     for i in 0..2 {
         row(
             format!(
-                "full/empty admission p99 ({} @ {})",
+                "full/empty admission p99, median round ({} @ {})",
                 empty[i].machines, empty[i].concurrency
             ),
-            format!("{:.2}x", ratio_p99[i]),
+            format!(
+                "{:.2}x (rounds: empty {} ms, full {} ms; over all rounds {:.2}x)",
+                ratio_p99[i],
+                rounds_text(&empty[i].rounds_p99_ms),
+                rounds_text(&full[i].rounds_p99_ms),
+                ratio_pooled[i]
+            ),
             "<= 1.2x",
         );
     }
