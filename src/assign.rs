@@ -634,6 +634,20 @@ impl Assigner {
                     ),
                 });
             }
+            // Bound to an earlier machine of this name (deleted without its release, e.g. its
+            // finalizers removed by hand): never reused; the sweep releases it.
+            if let Some(bound) = c.annotations().get(ANNOTATION_MACHINE_UID)
+                && m.uid != Some(bound.as_str())
+            {
+                return Err(AssignError::Conflict {
+                    machine,
+                    device,
+                    reason: format!(
+                        "IPClaim {}/{claim} is bound to an earlier ElfMachine of this name (uid {bound}); it is released within --claim-grace once that machine is gone (or delete the claim); retry then",
+                        pool.namespace
+                    ),
+                });
+            }
             let claim_pool = c.spec.pool.name.as_deref().unwrap_or_default();
             if claim_pool != pool.name {
                 return Ok(None);

@@ -467,3 +467,88 @@ async fn take_over_from_the_go_controller() {
     );
     hook.stop().await;
 }
+
+/// A claim bound to an earlier machine of the same name (deleted without its release: its
+/// finalizers removed by hand) is never reused: the new machine is denied with a message that
+/// says why and what to do, and gets an address once the claim is gone.
+#[tokio::test]
+async fn a_claim_bound_to_an_earlier_machine_is_never_reused() {
+    let cp = shared(CrdSet::Current);
+    let client = cp.client().await;
+    let ns = temp_namespace(&client, "bound").await;
+    let hook = webhook::start(&client, &ns, WebhookOptions::default()).await;
+    setup(&client, &ns, json!({"namePrefix": "pool", "pools": [{"start": "10.24.0.10", "end": "10.24.0.20"}], "prefix": 24})).await;
+    wait_for_pool(&hook, &ns).await;
+    let old = create_machine(&client, &ns, "again").await;
+    let uid = old["metadata"]["uid"].as_str().unwrap().to_string();
+    let claim = format!("{ns}-again-0");
+    let claims = dynamic(
+        &client,
+        &ns,
+        "ipam.metal3.io",
+        "v1alpha1",
+        "IPClaim",
+        "ipclaims",
+    );
+    // What the periodic pass does for every machine: bind its claims to its uid.
+    claims
+        .patch(
+            &claim,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {
+                "static-ip.infrastructure.cluster.x-k8s.io/machine-uid": uid}}})),
+        )
+        .await
+        .unwrap();
+    // Gone without a release: finalizers removed by hand, then deleted.
+    let api = machines(&client, &ns);
+    api.patch(
+        "again",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+    )
+    .await
+    .unwrap();
+    api.delete("again", &DeleteParams::default()).await.unwrap();
+    eventually(Duration::from_secs(10), "machine gone", || {
+        gone(&client, &ns, "again")
+    })
+    .await;
+
+    let denied = create(
+        &client,
+        &ns,
+        capi_machine("again", "tpl", json!([{"networkType": "IPV4"}])),
+    )
+    .await
+    .expect_err("a bound claim must not be reused");
+    let message = denied.to_string();
+    assert!(
+        message.contains(&format!(
+            "IPClaim {ns}/{claim} is bound to an earlier ElfMachine"
+        )) && message.contains(&uid),
+        "{message}"
+    );
+    assert_eq!(count(&client, &ns, "IPClaim", "ipclaims").await, 1);
+
+    // Once the claim is gone, the name gets an address again.
+    claims
+        .delete(&claim, &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(10), "claim gone from the cache", || {
+        let gone = hook
+            .running
+            .state
+            .assigner
+            .caches
+            .claims
+            .get(&ns, &claim)
+            .is_none();
+        async move { gone }
+    })
+    .await;
+    let again = create_machine(&client, &ns, "again").await;
+    assert!(!ip_of(&again).is_empty(), "{again:#}");
+    hook.stop().await;
+}
