@@ -37,7 +37,8 @@ use crate::patch::{self, Extras};
 
 /// Housekeeping that can wait starts only after admission has been quiet this long...
 const QUIET: Duration = Duration::from_secs(2);
-/// ...or after waiting this long, so that it still progresses during a long scale-up.
+/// ...waiting at most this long per pass: pool status is then written anyway, and binding
+/// claims to machines is left to the next pass.
 const MAX_YIELD: Duration = Duration::from_secs(60);
 
 /// Timing of the loops.
@@ -671,8 +672,13 @@ impl Sweeper {
                 Err(e) => tracing::warn!(error = %e, "could not release claim"),
             }
         }
+        // Binding can wait for the next pass when admission stays busy.
+        let deadline = tokio::time::Instant::now() + MAX_YIELD;
         for ((ns, name), claims) in adopt {
-            self.yield_to_admission().await;
+            if !self.quiet_by(deadline).await {
+                tracing::debug!("admission busy: binding claims to machines left to the next pass");
+                break;
+            }
             let live = Api::<ElfMachine>::namespaced(self.assigner.client.clone(), &ns)
                 .get_opt(&name)
                 .await;
@@ -731,11 +737,16 @@ impl Sweeper {
         }
     }
 
-    /// Waits until no address has been assigned for [`QUIET`] (at most [`MAX_YIELD`]): binding
-    /// claims and pool status can wait, a scale-up should not.
-    async fn yield_to_admission(&self) {
-        let deadline = tokio::time::Instant::now() + MAX_YIELD;
-        while self.assigner.activity.idle_for() < QUIET && tokio::time::Instant::now() < deadline {
+    /// Waits until no address has been assigned for [`QUIET`], or until `deadline`; true when
+    /// quiet. Binding claims and pool status can wait, a scale-up should not.
+    async fn quiet_by(&self, deadline: tokio::time::Instant) -> bool {
+        loop {
+            if self.assigner.activity.idle_for() >= QUIET {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
             tokio::time::sleep(QUIET / 4).await;
         }
     }
@@ -776,7 +787,8 @@ impl Sweeper {
     /// Writes `status.indexes` (claim → address) of every pool whose status differs from
     /// the IPAddresses that exist.
     async fn update_pool_status(&self) {
-        self.yield_to_admission().await;
+        // Status must progress even under constant load: wait for a quiet moment, not forever.
+        self.quiet_by(tokio::time::Instant::now() + MAX_YIELD).await;
         let index = &self.assigner.caches.index;
         let mut wanted: HashMap<(String, String), BTreeMap<String, String>> = HashMap::new();
         for a in index.addresses() {
