@@ -737,6 +737,25 @@ impl Sweeper {
         }
     }
 
+    /// Records that a pool's `status.indexes` cannot be stored: it is not rewritten every
+    /// pass (a large request for nothing) until the pool holds fewer addresses.
+    fn status_too_large(&self, pool: &IPPool, key: (String, String), entries: usize, why: &str) {
+        tracing::warn!(pool = %format!("{}/{}", key.0, key.1), entries, why, "status.indexes is too large for the apiserver; not written until the pool holds fewer addresses");
+        self.assigner.events.emit(Note {
+            regarding: events::pool_ref(&key.0, &key.1, pool.uid()),
+            warning: true,
+            reason: "StatusTooLarge",
+            action: "UpdateStatus",
+            message: format!(
+                "status.indexes with {entries} entries exceeds the apiserver's size limit; it is not updated until the pool holds fewer addresses (the IPAddress objects remain the record)"
+            ),
+        });
+        self.oversized
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, entries);
+    }
+
     /// Waits until no address has been assigned for [`QUIET`], or until `deadline`; true when
     /// quiet. Binding claims and pool status can wait, a scale-up should not.
     async fn quiet_by(&self, deadline: tokio::time::Instant) -> bool {
@@ -833,6 +852,13 @@ impl Sweeper {
                 indexes.insert(k.clone(), json!(v));
             }
             let patch = json!({"status": {"indexes": indexes, "lastUpdated": Timestamp::now().to_string()}});
+            // A patch larger than etcd accepts would cost the apiserver seconds for nothing.
+            let size = serde_json::to_vec(&patch).map_or(0, |b| b.len());
+            if size > MAX_STATUS_PATCH {
+                let why = format!("the patch alone is {size} bytes");
+                self.status_too_large(&pool, key, want.len(), &why);
+                continue;
+            }
             match Api::<IPPool>::namespaced(self.assigner.client.clone(), &key.0)
                 .patch_status(&key.1, &PatchParams::default(), &KubePatch::Merge(&patch))
                 .await
@@ -844,23 +870,7 @@ impl Sweeper {
                         .remove(&key);
                 }
                 Err(kube::Error::Api(s)) if too_large(&s) => {
-                    // Rewriting it every pass would cost the apiserver a large request for
-                    // nothing: wait until the pool shrinks.
-                    tracing::warn!(pool = %format!("{}/{}", key.0, key.1), entries = want.len(), error = %s, "status.indexes is too large for the apiserver; not written until the pool holds fewer addresses");
-                    self.assigner.events.emit(Note {
-                        regarding: events::pool_ref(&key.0, &key.1, pool.uid()),
-                        warning: true,
-                        reason: "StatusTooLarge",
-                        action: "UpdateStatus",
-                        message: format!(
-                            "status.indexes with {} entries exceeds the apiserver's size limit; it is not updated until the pool holds fewer addresses (the IPAddress objects remain the record)",
-                            want.len()
-                        ),
-                    });
-                    self.oversized
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(key, want.len());
+                    self.status_too_large(&pool, key, want.len(), &s.message);
                 }
                 Err(e) => {
                     tracing::warn!(pool = %format!("{}/{}", key.0, key.1), error = %e, "could not update pool status")
@@ -869,6 +879,9 @@ impl Sweeper {
         }
     }
 }
+
+/// The largest pool status patch sent: etcd refuses requests over 1.5 MiB by default.
+const MAX_STATUS_PATCH: usize = 1_500_000;
 
 /// Whether the apiserver refused a write for its size (its request limit, or etcd's).
 fn too_large(s: &kube::core::Status) -> bool {
