@@ -11,6 +11,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 
 use super::crd::IPClaim;
+use super::intern::Interner;
 use crate::contract::{ANNOTATION_DEVICE, ANNOTATION_MACHINE, ANNOTATION_MACHINE_UID};
 
 /// (namespace, name) of a claim.
@@ -62,19 +63,14 @@ impl ClaimInfo {
 struct Inner {
     claims: HashMap<ClaimId, Arc<ClaimInfo>>,
     /// One shared copy of each namespace and pool name.
-    strings: HashSet<Arc<str>>,
+    strings: Interner,
     /// The claims seen since the watch started a relist.
     relisting: Option<HashSet<ClaimId>>,
 }
 
 impl Inner {
     fn intern(&mut self, s: &str) -> Arc<str> {
-        if let Some(shared) = self.strings.get(s) {
-            return shared.clone();
-        }
-        let shared: Arc<str> = Arc::from(s);
-        self.strings.insert(shared.clone());
-        shared
+        self.strings.get(s)
     }
 }
 

@@ -14,6 +14,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 
 use super::crd::{IPAddress, IPPool};
+use super::intern::Interner;
 use crate::contract::{LABEL_MANAGED_BY, MANAGER};
 use crate::ipam::allocate::PoolState;
 use crate::ipam::pool::{Pool, PoolInput, RangeInput, parse_pool};
@@ -40,7 +41,7 @@ struct Inner {
     /// Claim (namespace, name) → the IPAddress objects naming it in `spec.claim`.
     by_claim: HashMap<ObjectId, Vec<ObjectId>>,
     /// One shared copy of each namespace and pool key.
-    strings: HashSet<Arc<str>>,
+    strings: Interner,
     pool_keys: HashSet<Arc<PoolKey>>,
     /// The objects seen since the address watch started a relist.
     relisting: Option<HashSet<ObjectId>>,
@@ -273,12 +274,7 @@ impl Inner {
     }
 
     fn intern(&mut self, s: &str) -> Arc<str> {
-        if let Some(shared) = self.strings.get(s) {
-            return shared.clone();
-        }
-        let shared: Arc<str> = Arc::from(s);
-        self.strings.insert(shared.clone());
-        shared
+        self.strings.get(s)
     }
 
     fn intern_pool(&mut self, key: PoolKey) -> Arc<PoolKey> {

@@ -6,4 +6,5 @@ pub mod certmanager;
 pub mod claims;
 pub mod crd;
 pub mod index;
+pub mod intern;
 pub mod writer;
