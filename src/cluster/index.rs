@@ -178,23 +178,9 @@ impl IpamIndex {
         }
     }
 
-    /// The address watch was (re)listed: `addresses` is the complete set.
-    pub fn reset_addresses(&self, addresses: &[IPAddress]) {
-        self.begin_address_relist();
-        for a in addresses {
-            self.apply_address(a);
-        }
-        self.end_address_relist();
-    }
-
     /// Every IPv4 IPAddress the watch has shown.
     pub fn addresses(&self) -> Vec<Arc<AddressInfo>> {
         self.lock().objects.values().cloned().collect()
-    }
-
-    /// How many IPv4 IPAddress objects are cached.
-    pub fn address_count(&self) -> usize {
-        self.lock().objects.len()
     }
 
     /// Used and free addresses of every valid pool.
@@ -225,12 +211,6 @@ impl IpamIndex {
                     .collect()
             })
             .unwrap_or_default()
-    }
-
-    /// Records that `ip` is taken in `key` although the watch has not shown it yet (a create
-    /// answered 409).
-    pub fn observe_taken(&self, key: &PoolKey, ip: Ipv4Addr) {
-        let _ = self.with_pool(key, |s| s.observe_used(ip));
     }
 }
 
