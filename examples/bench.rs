@@ -259,6 +259,37 @@ struct Burst {
     create_raw: Vec<f64>,
 }
 
+/// Cumulative histogram buckets: (upper bound in seconds, count).
+type Buckets = [(f64, f64)];
+
+impl Burst {
+    /// The latency figures of sorted samples (and of the webhook's histogram between two
+    /// scrapes); the samples are kept for merging rounds, throughput is left at zero.
+    fn of(
+        ns: &str,
+        machines: usize,
+        concurrency: usize,
+        admission: &[f64],
+        create: &[f64],
+        (before, after): (&Buckets, &Buckets),
+    ) -> Burst {
+        Burst {
+            pool: ns.to_string(),
+            machines,
+            concurrency,
+            admission_ms: [50.0, 90.0, 99.0].map(|p| percentile(admission, p)),
+            admission_hist_ms: [0.5, 0.9, 0.99].map(|q| histogram_quantile(before, after, q)),
+            create_ms: [50.0, 99.0].map(|p| percentile(create, p)),
+            machines_per_s: 0.0,
+            rounds_per_s: Vec::new(),
+            rounds_p99_ms: Vec::new(),
+            failures: 0,
+            admission_raw: admission.to_vec(),
+            create_raw: create.to_vec(),
+        }
+    }
+}
+
 /// Measured rounds of each burst and floor: latencies are taken over all rounds,
 /// throughput is their median, so that one disturbed round does not decide a figure.
 const ROUNDS: usize = 3;
@@ -313,18 +344,13 @@ async fn rounds(
     let create = sorted(bursts.iter().flat_map(|b| b.create_raw.clone()).collect());
     let per_s: Vec<f64> = bursts.iter().map(|b| b.machines_per_s).collect();
     let merged = Burst {
-        pool: ns.to_string(),
-        machines: n,
-        concurrency,
-        admission_ms: [50.0, 90.0, 99.0].map(|p| percentile(&admission, p)),
-        admission_hist_ms: [0.5, 0.9, 0.99].map(|q| histogram_quantile(&before, &after, q)),
-        create_ms: [50.0, 99.0].map(|p| percentile(&create, p)),
         machines_per_s: median(&per_s),
         rounds_per_s: per_s,
         rounds_p99_ms: bursts.iter().map(|b| b.admission_ms[2]).collect(),
         failures: bursts.iter().map(|b| b.failures).sum(),
         admission_raw: Vec::new(),
         create_raw: Vec::new(),
+        ..Burst::of(ns, n, concurrency, &admission, &create, (&before, &after))
     };
     let floor = (!floors.is_empty()).then(|| {
         let chains = sorted(floors.iter().flat_map(|f| f.chain_raw.clone()).collect());
@@ -394,18 +420,9 @@ async fn burst(
     );
     let admission = sorted(std::mem::take(&mut *hook.samples.lock().unwrap()));
     Burst {
-        pool: ns.to_string(),
-        machines: n,
-        concurrency,
-        admission_ms: [50.0, 90.0, 99.0].map(|p| percentile(&admission, p)),
-        admission_hist_ms: [0.5, 0.9, 0.99].map(|q| histogram_quantile(&before, &after, q)),
-        create_ms: [50.0, 99.0].map(|p| percentile(&create, p)),
         machines_per_s: create.len() as f64 / wall,
-        rounds_per_s: Vec::new(),
-        rounds_p99_ms: Vec::new(),
         failures: failures.len(),
-        admission_raw: admission,
-        create_raw: create,
+        ..Burst::of(ns, n, concurrency, &admission, &create, (&before, &after))
     }
 }
 
