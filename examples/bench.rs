@@ -40,11 +40,11 @@ use axum_server::tls_rustls::RustlsConfig;
 use cape_static_ip::assign::Assigner;
 use cape_static_ip::cluster::cache::Caches;
 use cape_static_ip::events::Events;
-use cape_static_ip::http::{AppState, webhook_router};
 use cape_static_ip::ipam::PoolKey;
+use cape_static_ip::lifecycle::{Lifecycle, LifecycleOptions};
 use cape_static_ip::metrics::Metrics;
-use cape_static_ip::sweeper::{Sweeper, SweeperOptions};
-use cape_static_ip::tls::ReloadingCert;
+use cape_static_ip::webhook::server::{AppState, webhook_router};
+use cape_static_ip::webhook::tls::ReloadingCert;
 use controlplane::{CrdSet, shared, temp_namespace};
 use futures::StreamExt;
 use kube::Client;
@@ -101,15 +101,15 @@ async fn start_webhook(client: &Client, certs: &Path) -> InProcess {
         metrics: metrics.clone(),
         stopping: Arc::new(AtomicBool::new(false)),
     };
-    let sweeper = Sweeper::new(
+    let lifecycle = Lifecycle::new(
         state.assigner.clone(),
         metrics,
-        SweeperOptions {
+        LifecycleOptions {
             resync: Duration::from_secs(300),
             claim_grace: Duration::from_secs(120),
         },
     );
-    tasks.spawn(sweeper.run());
+    tasks.spawn(lifecycle.run());
     let samples: Samples = Arc::default();
     let timing = samples.clone();
     let router = webhook_router(state.clone()).layer(axum::middleware::from_fn(
@@ -724,7 +724,7 @@ async fn main() {
     let budget = Duration::from_secs(env_usize("BENCH_FILL_BUDGET_SECS", 240) as u64);
 
     if std::env::var("RUST_LOG").is_ok() {
-        cape_static_ip::serve::init_logging(cape_static_ip::cli::LogFormat::Text);
+        cape_static_ip::cmd::serve::init_logging(cape_static_ip::cli::LogFormat::Text);
     }
     eprintln!("bench: starting the control plane");
     let cp = shared(CrdSet::Current);

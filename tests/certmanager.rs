@@ -205,7 +205,7 @@ async fn inject_ca(client: &kube::Client, name: &str) {
 /// that trusts only `ca_pem` and verifies `name`, as the apiserver does when it calls the
 /// webhook through its Service. Returns the leaf the server presented.
 fn handshake(cert: &Path, key: &Path, ca_pem: &[u8], name: &str) -> Result<Vec<u8>, String> {
-    let server_config = cape_static_ip::tls::ReloadingCert::new(cert.into(), key.into())
+    let server_config = cape_static_ip::webhook::tls::ReloadingCert::new(cert.into(), key.into())
         .map_err(|e| e.to_string())?
         .server_config();
     let mut roots = rustls::RootCertStore::empty();
@@ -384,7 +384,7 @@ async fn manifests_are_accepted_with_the_cert_manager_crds_and_wired_together() 
     // Play cert-manager: sign the CA and the serving certificate for the Certificate's names,
     // write both Secrets as its controllers do.
     assert!(!serving.spec.dns_names.is_empty());
-    let pki = cape_static_ip::certs::generate(&serving.spec.dns_names, 90).unwrap();
+    let pki = cape_static_ip::webhook::certs::generate(&serving.spec.dns_names, 90).unwrap();
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
     let annotations = |c: &Certificate| {
         json!({

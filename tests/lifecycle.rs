@@ -247,7 +247,7 @@ async fn the_sweeper_frees_nothing_live_during_500_creates() {
         &client,
         &ns,
         WebhookOptions {
-            claim_grace: cape_static_ip::serve::MIN_CLAIM_GRACE,
+            claim_grace: cape_static_ip::cmd::serve::MIN_CLAIM_GRACE,
             resync: Duration::from_secs(5),
             ..Default::default()
         },

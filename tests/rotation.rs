@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use cape_static_ip::certs::{self, DevCerts};
+use cape_static_ip::webhook::certs::{self, DevCerts};
 use common::controlplane::{CrdSet, shared, temp_namespace};
 use common::util::{eventually, ip_of, setup, wait_for_pool};
 use common::webhook::{self, TlsFiles, Webhook, WebhookOptions, capi_machine, create};

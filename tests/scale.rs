@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use cape_static_ip::cluster::crd::IPAddress;
+use cape_static_ip::cmd::serve::{self, Options, Running};
 use cape_static_ip::ipam::PoolKey;
-use cape_static_ip::serve::{self, Options, Running};
 use common::controlplane::{CrdSet, shared, temp_namespace};
 use common::webhook::{self, capi_machine, create, dev_certs, dynamic, machines, pool, template};
 use futures::StreamExt;

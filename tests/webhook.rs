@@ -351,9 +351,9 @@ async fn shutdown_turns_not_ready_keeps_answering_for_the_delay_then_stops() {
     let cp = shared(CrdSet::Current);
     let client = cp.client().await;
     let (dir, ca_pem) = webhook::dev_certs("shutdown");
-    let running = cape_static_ip::serve::start(
+    let running = cape_static_ip::cmd::serve::start(
         client,
-        cape_static_ip::serve::Options {
+        cape_static_ip::cmd::serve::Options {
             listen: "127.0.0.1:0".parse().unwrap(),
             admin_listen: "127.0.0.1:0".parse().unwrap(),
             tls_cert_file: dir.join("tls.crt"),

@@ -92,8 +92,8 @@ pub fn start(cp: &ControlPlane) -> Metal3 {
         .dir()
         .join(format!("metal3-{}", N.fetch_add(1, Ordering::Relaxed)));
     let certs_dir = dir.join("certs");
-    let certs = cape_static_ip::certs::generate(&["127.0.0.1".into()], 30).expect("certs");
-    cape_static_ip::certs::write(&certs_dir, &certs).expect("writing metal3's certs");
+    let certs = cape_static_ip::webhook::certs::generate(&["127.0.0.1".into()], 30).expect("certs");
+    cape_static_ip::webhook::certs::write(&certs_dir, &certs).expect("writing metal3's certs");
     let log = dir.join("ip-address-manager.log");
     let log_file = std::fs::File::create(&log).expect("metal3 log file");
     let health: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();

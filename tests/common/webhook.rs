@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use cape_static_ip::serve::{self, Options, Running};
+use cape_static_ip::cmd::serve::{self, Options, Running};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations, WebhookClientConfig,
@@ -69,9 +69,10 @@ pub fn dev_certs(tag: &str) -> (std::path::PathBuf, String) {
         std::process::id(),
         rand::random::<u32>()
     ));
-    let certs = cape_static_ip::certs::generate(&["127.0.0.1".into(), "localhost".into()], 30)
-        .expect("certs");
-    cape_static_ip::certs::write(&dir, &certs).expect("write certs");
+    let certs =
+        cape_static_ip::webhook::certs::generate(&["127.0.0.1".into(), "localhost".into()], 30)
+            .expect("certs");
+    cape_static_ip::webhook::certs::write(&dir, &certs).expect("write certs");
     (dir, certs.ca_cert)
 }
 

@@ -259,10 +259,10 @@ mod tests {
     /// The objects of AdmissionReviews as kube-apiserver sent them (tests/fixtures).
     fn fixture(name: &str) -> Value {
         let text = match name {
-            "create" => include_str!("../tests/fixtures/create.json"),
-            "two-devices" => include_str!("../tests/fixtures/two-devices.json"),
-            "dhcp-and-ipv4" => include_str!("../tests/fixtures/dhcp-and-ipv4.json"),
-            "update-wiped" => include_str!("../tests/fixtures/update-wiped.json"),
+            "create" => include_str!("../../tests/fixtures/create.json"),
+            "two-devices" => include_str!("../../tests/fixtures/two-devices.json"),
+            "dhcp-and-ipv4" => include_str!("../../tests/fixtures/dhcp-and-ipv4.json"),
+            "update-wiped" => include_str!("../../tests/fixtures/update-wiped.json"),
             _ => unreachable!(),
         };
         let review: Value = serde_json::from_str(text).expect("fixture is JSON");

@@ -18,10 +18,10 @@ use crate::assign::Assigner;
 use crate::cli::{LogFormat, ServeArgs};
 use crate::cluster::cache::Caches;
 use crate::events::Events;
-use crate::http::{AppState, admin_router, webhook_router};
+use crate::lifecycle::{Lifecycle, LifecycleOptions};
 use crate::metrics::Metrics;
-use crate::sweeper::{Sweeper, SweeperOptions};
-use crate::tls::ReloadingCert;
+use crate::webhook::server::{AppState, admin_router, webhook_router};
+use crate::webhook::tls::ReloadingCert;
 
 /// The shortest `--claim-grace` accepted: above the longest webhook timeout (30 s).
 pub const MIN_CLAIM_GRACE: Duration = Duration::from_secs(30);
@@ -112,15 +112,15 @@ pub async fn start(client: Client, options: Options) -> anyhow::Result<Running> 
         });
     }
     if background {
-        let sweeper = Sweeper::new(
+        let lifecycle = Lifecycle::new(
             assigner.clone(),
             metrics.clone(),
-            SweeperOptions {
+            LifecycleOptions {
                 resync,
                 claim_grace,
             },
         );
-        tasks.spawn(sweeper.run());
+        tasks.spawn(lifecycle.run());
     }
 
     let mut servers = JoinSet::new();

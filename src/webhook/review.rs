@@ -12,7 +12,7 @@ use tracing::Instrument;
 
 use crate::assign::{Assigner, MachineView, needs_address};
 use crate::cluster::crd::ElfMachineSpec;
-use crate::patch::{self, Extras};
+use crate::webhook::patch::{self, Extras};
 
 /// What to answer.
 #[derive(Debug, Clone, PartialEq)]

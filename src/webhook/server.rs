@@ -17,9 +17,9 @@ use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionReview};
 use serde_json::Value;
 
-use crate::admission;
 use crate::assign::Assigner;
 use crate::metrics::{Metrics, PoolOnly};
+use crate::webhook::review as admission;
 
 /// The path the MutatingWebhookConfiguration calls.
 pub const MUTATE_PATH: &str = "/mutate-elfmachine";

@@ -98,7 +98,7 @@ fn load(cert_path: &Path, key_path: &Path, provider: &CryptoProvider) -> Result<
 
 /// The expiry (Unix seconds) of a certificate.
 fn not_after(cert: &CertificateDer<'_>) -> Option<i64> {
-    crate::certs::not_after(cert.as_ref())
+    crate::webhook::certs::not_after(cert.as_ref())
 }
 
 impl ReloadingCert {

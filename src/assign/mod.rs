@@ -2,6 +2,16 @@
 //! pool, reserves a candidate in the in-memory index, records it as an IPAddress (the lock)
 //! and then an IPClaim pointing at it, and gives back everything it wrote when any device
 //! fails (all or nothing). The same code serves admission and the background reconciler.
+//!
+//! `lease` holds what a device obtains and the labels written with it, `repair` completes or
+//! gives back half-written claim/address pairs, `outcome` counts and announces each result.
+
+mod lease;
+mod outcome;
+mod repair;
+
+pub use lease::{Lease, owner_labels};
+pub use outcome::Activity;
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -12,15 +22,17 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Client, ResourceExt};
 
 use crate::cluster::cache::Caches;
-use crate::cluster::crd::{ElfMachineTemplate, IPAddress, NetworkDevice};
+use crate::cluster::crd::{ElfMachineTemplate, NetworkDevice};
 use crate::cluster::index::PoolUnavailable;
 use crate::cluster::writer::{self, AddressObject, Created};
 use crate::contract::*;
-use crate::events::{self, Events, Note};
+use crate::events::Events;
 use crate::ipam::allocate::AllocError;
-use crate::ipam::pool::{Pool, address_name};
+use crate::ipam::pool::address_name;
 use crate::ipam::select::{self, DeviceRequest, PoolKey};
-use crate::metrics::{Metrics, PoolLabels};
+use crate::metrics::Metrics;
+use lease::{lease_of, owner_annotations};
+use repair::Written;
 
 /// How many times one device retries after losing an address to another writer (409)
 /// before giving up on a pool.
@@ -39,18 +51,6 @@ pub struct MachineView<'a> {
     pub labels: &'a BTreeMap<String, String>,
     pub annotations: &'a BTreeMap<String, String>,
     pub devices: &'a [NetworkDevice],
-}
-
-/// An address held by one device.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Lease {
-    pub device: usize,
-    pub pool: PoolKey,
-    pub claim: String,
-    pub address: Ipv4Addr,
-    pub prefix: u8,
-    pub gateway: Option<Ipv4Addr>,
-    pub dns_servers: Vec<Ipv4Addr>,
 }
 
 /// Why a machine could not get its addresses. Every message names the machine, the device
@@ -125,44 +125,6 @@ pub struct Assigner {
     pub activity: Arc<Activity>,
 }
 
-/// When the last assignment happened, so that background writes that can wait (binding
-/// claims to machine uids, pool status) do not compete with a scale-up for the apiserver.
-#[derive(Debug, Default)]
-pub struct Activity {
-    /// Milliseconds since the Unix epoch; 0 before the first assignment.
-    last_ms: std::sync::atomic::AtomicU64,
-}
-
-impl Activity {
-    fn now_ms() -> u64 {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0)
-    }
-
-    /// Records an assignment now.
-    pub fn touch(&self) {
-        self.last_ms
-            .store(Self::now_ms(), std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// How long ago the last assignment was (`Duration::MAX` if none).
-    pub fn idle_for(&self) -> Duration {
-        match self.last_ms.load(std::sync::atomic::Ordering::Relaxed) {
-            0 => Duration::MAX,
-            last => Duration::from_millis(Self::now_ms().saturating_sub(last)),
-        }
-    }
-}
-
-/// What one request wrote, to give back on failure.
-#[derive(Debug, Default)]
-struct Written {
-    addresses: Vec<(String, String, PoolKey, Ipv4Addr)>,
-    claims: Vec<(String, String)>,
-}
-
 impl Assigner {
     /// Gives an address to every device of `m` that needs one. With `dry_run`, shows what
     /// would be chosen and writes nothing.
@@ -209,71 +171,6 @@ impl Assigner {
             self.record_success(m, &leases);
         }
         Ok(leases)
-    }
-
-    /// Counts and announces the addresses a request obtained.
-    fn record_success(&self, m: &MachineView<'_>, leases: &[Lease]) {
-        for lease in leases {
-            self.metrics
-                .allocations
-                .get_or_create(&PoolLabels {
-                    pool: lease.pool.to_string(),
-                    result: "allocated".into(),
-                })
-                .inc();
-            let uid = self.pool_uid(&lease.pool);
-            self.events.emit(Note {
-                regarding: events::pool_ref(&lease.pool.namespace, &lease.pool.name, uid),
-                warning: false,
-                reason: "Allocated",
-                action: "Allocate",
-                message: format!(
-                    "{} to ElfMachine {}/{} device {} (IPClaim {})",
-                    lease.address, m.namespace, m.name, lease.device, lease.claim
-                ),
-            });
-        }
-    }
-
-    /// Counts a failed request, and announces a full pool on the pool itself.
-    fn record_failure(&self, m: &MachineView<'_>, e: &AssignError) {
-        let AssignError::Exhausted { tried, .. } = e else {
-            self.metrics
-                .allocations
-                .get_or_create(&PoolLabels {
-                    pool: String::new(),
-                    result: "denied".into(),
-                })
-                .inc();
-            return;
-        };
-        for key in tried.split(", ").filter_map(|k| k.split_once('/')) {
-            self.metrics
-                .allocations
-                .get_or_create(&PoolLabels {
-                    pool: format!("{}/{}", key.0, key.1),
-                    result: "exhausted".into(),
-                })
-                .inc();
-            let uid = self.pool_uid(&PoolKey {
-                namespace: key.0.into(),
-                name: key.1.into(),
-            });
-            self.events.emit(Note {
-                regarding: events::pool_ref(key.0, key.1, uid),
-                warning: true,
-                reason: "Exhausted",
-                action: "Allocate",
-                message: format!("no free address for ElfMachine {}/{}", m.namespace, m.name),
-            });
-        }
-    }
-
-    fn pool_uid(&self, key: &PoolKey) -> Option<String> {
-        self.caches
-            .pools
-            .get(&ObjectRef::new(&key.name).within(&key.namespace))
-            .and_then(|p| p.uid())
     }
 
     /// The labels of the machine's ElfMachineTemplate (annotation `cloned-from-name`), from
@@ -507,33 +404,6 @@ impl Assigner {
         })
     }
 
-    /// Waits (briefly) for a claim that another request is filling in, and takes its lease.
-    async fn wait_for_claim(
-        &self,
-        m: &MachineView<'_>,
-        device: usize,
-        pool: &PoolKey,
-        claim: &str,
-    ) -> Result<Lease, AssignError> {
-        for _ in 0..CLAIM_WAIT_TRIES {
-            if let Some(lease) = self
-                .existing_lease(m, device, pool, claim, true, false)
-                .await?
-            {
-                return Ok(lease);
-            }
-            tokio::time::sleep(CLAIM_WAIT_STEP).await;
-        }
-        Err(AssignError::Conflict {
-            machine: machine_key(m.namespace, m.name),
-            device,
-            reason: format!(
-                "IPClaim {}/{claim} exists but has no address yet (another request is assigning it); retry",
-                pool.namespace
-            ),
-        })
-    }
-
     /// Creates the claim for a freshly created address and points it at the address.
     /// Returns false when a claim of that name exists already (the same request delivered
     /// twice): the caller gives its address back and takes the claim's.
@@ -593,227 +463,12 @@ impl Assigner {
             })?;
         Ok(true)
     }
-
-    /// The lease held by an existing claim of this device, if any. Repairs a half-written
-    /// pair (an address without its claim, a claim without `status.address`) unless
-    /// `dry_run`, which only shows the lease.
-    async fn existing_lease(
-        &self,
-        m: &MachineView<'_>,
-        device: usize,
-        pool: &PoolKey,
-        claim: &str,
-        live_read: bool,
-        dry_run: bool,
-    ) -> Result<Option<Lease>, AssignError> {
-        let machine = machine_key(m.namespace, m.name);
-        let cached = self.caches.claims.get(&pool.namespace, claim);
-        let of_claim = self.caches.index.addresses_of_claim(&pool.namespace, claim);
-        if !live_read && cached.is_none() && of_claim.is_empty() {
-            return Ok(None);
-        }
-        // Read the claim live: the decision must not rest on a lagging cache.
-        let live = writer::get_claim(&self.client, &pool.namespace, claim)
-            .await
-            .map_err(|source| AssignError::Api {
-                machine: machine.clone(),
-                device,
-                action: format!("reading IPClaim {}/{claim}", pool.namespace),
-                source,
-            })?;
-        if let Some(c) = &live {
-            let owner = c.annotations().get(ANNOTATION_MACHINE);
-            if owner.is_some_and(|o| *o != machine) {
-                return Err(AssignError::Conflict {
-                    machine,
-                    device,
-                    reason: format!(
-                        "IPClaim {}/{claim} belongs to ElfMachine {}; rename one of the machines",
-                        pool.namespace,
-                        owner.map(String::as_str).unwrap_or_default()
-                    ),
-                });
-            }
-            // Bound to an earlier machine of this name (deleted without its release, e.g. its
-            // finalizers removed by hand): never reused; the sweep releases it.
-            if let Some(bound) = c.annotations().get(ANNOTATION_MACHINE_UID)
-                && m.uid != Some(bound.as_str())
-            {
-                return Err(AssignError::Conflict {
-                    machine,
-                    device,
-                    reason: format!(
-                        "IPClaim {}/{claim} is bound to an earlier ElfMachine of this name (uid {bound}); it is released within --claim-grace once that machine is gone (or delete the claim); retry then",
-                        pool.namespace
-                    ),
-                });
-            }
-            let claim_pool = c.spec.pool.name.as_deref().unwrap_or_default();
-            if claim_pool != pool.name {
-                return Ok(None);
-            }
-        }
-        // The address: the one the claim points at, else one that names the claim.
-        let pointed = live
-            .as_ref()
-            .and_then(|c| c.status.as_ref())
-            .and_then(|s| s.address.as_ref())
-            .and_then(|a| a.name.clone());
-        let address_name = match pointed {
-            Some(name) => Some(name),
-            None => of_claim
-                .iter()
-                .find(|a| *a.pool == *pool)
-                .map(|a| a.name.to_string()),
-        };
-        let Some(address_name) = address_name else {
-            return Ok(None);
-        };
-        let address = writer::get_address(&self.client, &pool.namespace, &address_name)
-            .await
-            .map_err(|source| AssignError::Api {
-                machine: machine.clone(),
-                device,
-                action: format!("reading IPAddress {}/{address_name}", pool.namespace),
-                source,
-            })?;
-        let Some(address) = address else {
-            return Ok(None);
-        };
-        let Some(lease) = lease_of_address(&address, device, pool, claim) else {
-            return Ok(None);
-        };
-        if dry_run {
-            return Ok(Some(lease));
-        }
-        if live.is_none() {
-            // The address was written but its claim was not (an interrupted request).
-            let mut written = Written::default();
-            written.addresses.push((
-                pool.namespace.clone(),
-                address_name,
-                pool.clone(),
-                lease.address,
-            ));
-            if !self.record_claim(m, device, &lease, &mut written).await? {
-                return Ok(None);
-            }
-        } else if live
-            .as_ref()
-            .and_then(|c| c.status.as_ref())
-            .and_then(|s| s.address.as_ref())
-            .is_none()
-        {
-            writer::set_claim_address(&self.client, &pool.namespace, claim, &address_name)
-                .await
-                .map_err(|source| AssignError::Api {
-                    machine,
-                    device,
-                    action: format!(
-                        "setting status.address of IPClaim {}/{claim}",
-                        pool.namespace
-                    ),
-                    source,
-                })?;
-        }
-        Ok(Some(lease))
-    }
-
-    /// Deletes what a failed request wrote, newest first. Failures are logged: the sweeper
-    /// removes whatever is left once its grace period has passed.
-    async fn give_back(&self, written: Written) {
-        for (ns, name) in written.claims.iter().rev() {
-            tracing::debug!(claim = %format!("{ns}/{name}"), "giving back claim");
-            if let Err(e) = writer::delete_claim(&self.client, ns, name, None).await {
-                tracing::warn!(claim = %format!("{ns}/{name}"), error = %e, "could not give back claim");
-            }
-        }
-        for (ns, name, pool, ip) in written.addresses.iter().rev() {
-            match writer::delete_address(&self.client, ns, name, None).await {
-                Ok(_) => {
-                    tracing::info!(address = %format!("{ns}/{name}"), "gave back address");
-                    let _ = self
-                        .caches
-                        .index
-                        .with_pool(pool, |s| s.observe_released(*ip));
-                }
-                Err(e) => {
-                    tracing::warn!(address = %format!("{ns}/{name}"), error = %e, "could not give back address")
-                }
-            }
-        }
-    }
 }
 
 /// Whether an `addressesFromPools` entry names a metal3 IPPool.
 pub fn names_metal3_pool(api_group: Option<&str>, kind: &str) -> bool {
     let group = api_group.unwrap_or_default();
     (group == "ipam.metal3.io" && kind == "IPPool") || (group.is_empty() && kind.is_empty())
-}
-
-fn lease_of(pool: &Pool, device: usize, key: &PoolKey, claim: &str, ip: Ipv4Addr) -> Lease {
-    let range = pool.range_of(ip);
-    Lease {
-        device,
-        pool: key.clone(),
-        claim: claim.to_string(),
-        address: ip,
-        prefix: range.map(|r| r.prefix).unwrap_or(32),
-        gateway: range.and_then(|r| r.gateway),
-        dns_servers: range.map(|r| r.dns_servers.clone()).unwrap_or_default(),
-    }
-}
-
-/// The lease an existing IPAddress describes (as metal3 or the Go controller wrote it).
-fn lease_of_address(a: &IPAddress, device: usize, pool: &PoolKey, claim: &str) -> Option<Lease> {
-    Some(Lease {
-        device,
-        pool: pool.clone(),
-        claim: claim.to_string(),
-        address: a.spec.address.parse().ok()?,
-        prefix: a
-            .spec
-            .prefix
-            .and_then(|p| u8::try_from(p).ok())
-            .filter(|p| (1..=32).contains(p))?,
-        gateway: a.spec.gateway.as_deref().and_then(|g| g.parse().ok()),
-        dns_servers: a
-            .spec
-            .dns_servers
-            .iter()
-            .filter_map(|d| d.parse().ok())
-            .collect(),
-    })
-}
-
-/// Labels on the claims and addresses we write.
-pub fn owner_labels(namespace: &str, name: &str) -> BTreeMap<String, String> {
-    let mut labels = BTreeMap::from([
-        (LABEL_MANAGED_BY.to_string(), MANAGER.to_string()),
-        (LABEL_MACHINE_NAMESPACE.to_string(), namespace.to_string()),
-    ]);
-    if name.len() <= MAX_LABEL_VALUE {
-        labels.insert(LABEL_MACHINE_NAME.to_string(), name.to_string());
-    }
-    let owner = format!("{namespace}-{name}");
-    if owner.len() <= MAX_LABEL_VALUE {
-        labels.insert(LABEL_OWNER_NAME.to_string(), owner);
-    }
-    labels
-}
-
-fn owner_annotations(m: &MachineView<'_>, device: usize) -> BTreeMap<String, String> {
-    let mut annotations = BTreeMap::from([
-        (
-            ANNOTATION_MACHINE.to_string(),
-            machine_key(m.namespace, m.name),
-        ),
-        (ANNOTATION_DEVICE.to_string(), device.to_string()),
-    ]);
-    if let Some(uid) = m.uid {
-        annotations.insert(ANNOTATION_MACHINE_UID.to_string(), uid.to_string());
-    }
-    annotations
 }
 
 #[cfg(test)]
