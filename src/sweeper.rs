@@ -116,6 +116,10 @@ impl Sweeper {
                     if machines.wait_until_ready().await.is_err() {
                         return;
                     }
+                    let cached = machines.state();
+                    this.metrics
+                        .release_waiting
+                        .observe(cached.iter().map(|m| &**m));
                     this.sweep_claims(&machines).await;
                     this.sweep_addresses().await;
                     this.update_pool_status().await;
