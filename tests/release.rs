@@ -1,8 +1,9 @@
 //! `make release` as clusterctl installs it: `hack/release.sh release` writes components.yaml and
 //! metadata.yaml, a clusterctl configuration points at a local provider repository (file://)
 //! holding them, `clusterctl generate provider --ipam cape-static-ip` renders the components
-//! with the variables substituted, and the real apiserver accepts the result (server-side dry
-//! run, cert-manager's CRDs installed). clusterctl is built from the Cluster API Go module at a
+//! with the variable substituted and the image overridden as clusterctl's configuration says,
+//! and the real apiserver accepts the result (server-side dry run, cert-manager's CRDs
+//! installed). clusterctl is built from the Cluster API Go module at a
 //! pinned version (hack/controlplane/build.sh --clusterctl).
 
 mod common;
@@ -16,6 +17,8 @@ use serde_json::Value;
 
 const PROVIDER: &str = "cape-static-ip";
 const RELEASE_IMAGE: &str = "registry.example/cape-static-ip";
+const MIRROR: &str = "mirror.example/capi";
+const MIRROR_TAG: &str = "v0.1.0-rc.1";
 
 fn version() -> String {
     run(Command::new("bash")
@@ -30,7 +33,10 @@ fn version() -> String {
 /// `hack/release.sh release` wrote, and a clusterctl configuration naming it.
 struct Repository {
     dir: PathBuf,
+    /// Names the repository.
     config: PathBuf,
+    /// Names the repository and overrides its image (a mirror).
+    mirror_config: PathBuf,
     version: String,
 }
 
@@ -55,29 +61,35 @@ impl Repository {
             std::fs::copy(out.join(file), release.join(file))
                 .unwrap_or_else(|e| panic!("release.sh wrote {file}: {e}"));
         }
-        let config = dir.join("clusterctl.yaml");
-        let text = format!(
+        let providers = format!(
             "providers:\n  - name: {PROVIDER}\n    type: IPAMProvider\n    url: file://{}\n",
             release.join("components.yaml").display()
         );
-        std::fs::write(&config, &text).unwrap();
-        eprintln!("{}:\n{text}", config.display());
+        let config = dir.join("clusterctl.yaml");
+        std::fs::write(&config, &providers).unwrap();
+        let mirror_config = dir.join("clusterctl-mirror.yaml");
+        let mirror = format!(
+            "{providers}images:\n  ipam-{PROVIDER}:\n    repository: {MIRROR}\n    tag: {MIRROR_TAG}\n"
+        );
+        std::fs::write(&mirror_config, &mirror).unwrap();
+        eprintln!("clusterctl-mirror.yaml:\n{mirror}");
         std::fs::create_dir_all(dir.join("home")).unwrap();
         Repository {
             dir,
             config,
+            mirror_config,
             version,
         }
     }
 
     /// `clusterctl generate provider --ipam cape-static-ip:vVERSION ARGS...` with `vars` in its
     /// environment (and nothing of the caller's clusterctl setup); returns stdout.
-    fn generate(&self, args: &[&str], vars: &[(&str, &str)]) -> String {
+    fn generate(&self, config: &Path, args: &[&str], vars: &[(&str, &str)]) -> String {
         let clusterctl = tools::tool("--clusterctl");
         let provider = format!("{PROVIDER}:v{}", self.version);
         let mut cmd = Command::new(clusterctl);
         cmd.args(["generate", "provider", "--ipam", &provider, "--config"])
-            .arg(&self.config)
+            .arg(config)
             .args(args)
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
@@ -89,8 +101,9 @@ impl Repository {
         let (stdout, stderr) = run(&mut cmd);
         let shown: Vec<String> = vars.iter().map(|(k, v)| format!("{k}={v} ")).collect();
         eprintln!(
-            "$ {}clusterctl generate provider --ipam {provider} --config clusterctl.yaml {}\n{}{stderr}",
+            "$ {}clusterctl generate provider --ipam {provider} --config {} {}\n{}{stderr}",
             shown.concat(),
+            config.file_name().unwrap().to_string_lossy(),
             args.join(" "),
             if args.contains(&"--describe") {
                 stdout.as_str()
@@ -153,17 +166,30 @@ fn metadata_names_the_release_series_of_the_crate_version() {
 async fn clusterctl_renders_the_release_with_its_variables_and_the_apiserver_accepts_it() {
     let repo = Repository::release();
 
-    // The variables clusterctl finds, each with its default.
-    let described = repo.generate(&["--describe"], &[]);
-    for var in [
-        "CAPE_STATIC_IP_IMAGE",
-        "CAPE_STATIC_IP_DEFAULT_POOL_NAMESPACE",
-    ] {
-        assert!(described.contains(var), "{var} in:\n{described}");
-    }
+    // What clusterctl finds: the variable (its default is checked below) and the image.
+    let described = repo.generate(&repo.config, &["--describe"], &[]);
+    let listed = |header: &str| -> Vec<String> {
+        described
+            .lines()
+            .skip_while(|l| *l != header)
+            .skip(1)
+            .map_while(|l| l.strip_prefix("  - "))
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(
+        listed("Variables:"),
+        ["CAPE_STATIC_IP_DEFAULT_POOL_NAMESPACE"],
+        "{described}"
+    );
+    assert_eq!(
+        listed("Images:"),
+        [format!("{RELEASE_IMAGE}:v{}", repo.version)],
+        "{described}"
+    );
 
     // Defaults: the released image, pools in cape-system, installed in cape-system.
-    let defaults = yaml_docs(&repo.generate(&[], &[]));
+    let defaults = yaml_docs(&repo.generate(&repo.config, &[], &[]));
     let c = container(&defaults);
     assert_eq!(c["image"], format!("{RELEASE_IMAGE}:v{}", repo.version));
     assert_eq!(arg(c, "--default-pool-namespace"), Some("cape-system"));
@@ -172,22 +198,19 @@ async fn clusterctl_renders_the_release_with_its_variables_and_the_apiserver_acc
         "cape-system"
     );
 
-    // Variables set, and another target namespace: a fresh one on the test control plane.
+    // The variable set, the image from a mirror, and another target namespace: a fresh one on the test control plane.
     let cp = shared(CrdSet::Current);
     let client = cp.client().await;
     let ns = temp_namespace(&client, "capi-ipam").await;
-    let image = "registry.example/mirror/cape-static-ip:v0.1.0-rc.1";
     let text = repo.generate(
+        &repo.mirror_config,
         &["--target-namespace", &ns],
-        &[
-            ("CAPE_STATIC_IP_IMAGE", image),
-            ("CAPE_STATIC_IP_DEFAULT_POOL_NAMESPACE", "ipam-pools"),
-        ],
+        &[("CAPE_STATIC_IP_DEFAULT_POOL_NAMESPACE", "ipam-pools")],
     );
     assert!(!text.contains("${"), "every variable substituted:\n{text}");
     let objects = yaml_docs(&text);
     let c = container(&objects);
-    assert_eq!(c["image"], image);
+    assert_eq!(c["image"], format!("{MIRROR}/cape-static-ip:{MIRROR_TAG}"));
     assert_eq!(arg(c, "--default-pool-namespace"), Some("ipam-pools"));
     let provider_label = format!("ipam-{PROVIDER}");
     for o in &objects {
