@@ -435,14 +435,14 @@ async fn every_metric_of_the_rules_and_the_dashboard_is_exported_by_a_running_we
         },
     )
     .await;
-    create(&client, &ns, pool("two", json!({
-        "namePrefix": "two",
+    create(&client, &ns, pool("pool", json!({
+        "namePrefix": "pool",
         "pools": [{"start": "10.20.0.10", "end": "10.20.0.11", "prefix": 24, "gateway": "10.20.0.1"}],
     }), json!({}))).await.unwrap();
     create(
         &client,
         &ns,
-        template("tpl", json!({"cluster.x-k8s.io/ip-pool-name": "two"})),
+        template("tpl", json!({"cluster.x-k8s.io/ip-pool-name": "pool"})),
     )
     .await
     .unwrap();
@@ -616,14 +616,14 @@ async fn component_renders_on_the_base_and_the_apiserver_accepts_it() {
 
     // An overlay as a user writes it: the base, the component, another namespace.
     let ns = temp_namespace(&client, "monitoring-dry-run").await;
-    let overlay = temp_dir("monitoring-overlay");
+    // kustomize takes only relative paths: the overlay lives in target/ (as release.sh's).
+    let overlay = root().join(format!("target/.monitoring-{ns}"));
+    std::fs::create_dir_all(&overlay).unwrap();
     std::fs::write(
         overlay.join("kustomization.yaml"),
         format!(
             "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nnamespace: {ns}\n\
-             resources:\n  - {}\ncomponents:\n  - {}\n",
-            root().join("manifests").display(),
-            monitoring_dir().display()
+             resources:\n  - ../../manifests\ncomponents:\n  - ../../manifests/monitoring\n"
         ),
     )
     .unwrap();
