@@ -20,6 +20,8 @@ run: controlplane
 test: controlplane
 	@python3 -c 'import yaml' 2>/dev/null || python3 -m pip install --quiet pyyaml
 	@bash hack/controlplane/build.sh --metal3 >/dev/null
+	@bash hack/controlplane/build.sh --promtool >/dev/null
+	@bash hack/controlplane/build.sh --clusterctl >/dev/null
 	cargo fmt --all -- --check
 	cargo clippy --all-targets -- -D warnings
 	cargo test --lib --bins --tests -- --test-threads=4

@@ -7,6 +7,10 @@
 #   hack/release.sh release [IMAGE]  write out/components.yaml (image default cape-static-ip:vVERSION)
 #                                    and out/metadata.yaml (clusterctl provider metadata)
 #
+# components.yaml is what `clusterctl init --ipam cape-static-ip` installs; it carries the
+# clusterctl variable CAPE_STATIC_IP_DEFAULT_POOL_NAMESPACE (--default-pool-namespace, default
+# cape-system). The image is set with clusterctl's image override (`images:` in its config).
+#
 # kubectl (with its built-in kustomize): $KUBECTL, else `kubectl` on PATH, else the pinned one
 # built by hack/controlplane/build.sh. OUT (default out) is the release directory.
 set -euo pipefail
@@ -84,13 +88,32 @@ deploy() {
   render "$img" | "$kubectl" apply --server-side --field-manager=cape-static-ip-deploy -f -
 }
 
+# clusterctl_variables: rendered manifests (stdin) -> the same with clusterctl variables
+# `${NAME:=default}` in place of the values users set at install time (stdout). Each must be
+# found exactly once, so that a change to the manifests cannot silently drop a variable.
+# The image is not a variable: clusterctl parses images before substituting (`--describe`,
+# `--raw` would fail on `${...}`); its own image override (`images:` in clusterctl.yaml) sets it.
+clusterctl_variables() {
+  local rendered n
+  rendered=$(cat)
+  [[ "$rendered" != *'${'* ]] || die "the rendered manifests already contain '\${', which clusterctl would read as a variable"
+  n=$(grep -cE -- '^ +- --default-pool-namespace=[a-z0-9-]+$' <<<"$rendered" || true)
+  [[ "$n" == 1 ]] || die "expected one '- --default-pool-namespace=NS' argument in the rendered manifests, found $n"
+  awk '
+    /^ +- --default-pool-namespace=[a-z0-9-]+$/ {
+      sub(/--default-pool-namespace=/, "--default-pool-namespace=${CAPE_STATIC_IP_DEFAULT_POOL_NAMESPACE:=")
+      $0 = $0 "}"
+    }
+    { print }' <<<"$rendered"
+}
+
 release() {
   local v major minor img
   v=$(version)
   img=${1:-cape-static-ip:v$v}
   IFS=. read -r major minor _ <<<"$v"
   mkdir -p "$OUT"
-  render "$img" >"$OUT/components.yaml.tmp"
+  render "$img" | clusterctl_variables >"$OUT/components.yaml.tmp"
   mv -f "$OUT/components.yaml.tmp" "$OUT/components.yaml"
   cat >"$OUT/metadata.yaml" <<META
 # clusterctl provider metadata for cape-static-ip v$v.
@@ -101,7 +124,7 @@ releaseSeries:
     minor: $minor
     contract: v1beta1
 META
-  echo "release.sh: wrote $OUT/components.yaml (image $img) and $OUT/metadata.yaml" >&2
+  echo "release.sh: wrote $OUT/components.yaml (image $img; clusterctl variable CAPE_STATIC_IP_DEFAULT_POOL_NAMESPACE) and $OUT/metadata.yaml" >&2
 }
 
 cmd=${1:-}
@@ -111,5 +134,5 @@ case "$cmd" in
   render) render "$@" ;;
   deploy) deploy "$@" ;;
   release) release "$@" ;;
-  *) sed -n '2,11p' "${BASH_SOURCE[0]}" >&2; exit 2 ;;
+  *) sed -n '2,15p' "${BASH_SOURCE[0]}" >&2; exit 2 ;;
 esac

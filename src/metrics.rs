@@ -1,6 +1,10 @@
 //! Prometheus metrics, served on the admin port's `/metrics`.
 
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
+
+use kube::ResourceExt;
 
 use prometheus_client::encoding::{EncodeLabelSet, text::encode};
 use prometheus_client::metrics::counter::Counter;
@@ -8,6 +12,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+
+use crate::cluster::crd::ElfMachine;
+use crate::contract::{CAPE_FINALIZER, STATIC_IP_FINALIZER};
 
 /// Labels of an admission review.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -46,6 +53,7 @@ pub struct Metrics {
     pub certificate_expiry: Gauge,
     pub pool_used: Family<PoolOnly, Gauge>,
     pub pool_free: Family<PoolOnly, Gauge>,
+    pub release_waiting: ReleaseWaiting,
 }
 
 impl Default for Metrics {
@@ -95,6 +103,12 @@ impl Default for Metrics {
             "notAfter of the serving certificate",
             certificate_expiry.clone(),
         );
+        let release_waiting = ReleaseWaiting::default();
+        registry.register(
+            "release_waiting_since_timestamp_seconds",
+            "deletionTimestamp of an ElfMachine whose addresses are not released yet, by what it waits for",
+            release_waiting.family.clone(),
+        );
         Metrics {
             registry,
             reviews,
@@ -104,6 +118,7 @@ impl Default for Metrics {
             certificate_expiry,
             pool_used,
             pool_free,
+            release_waiting,
         }
     }
 }
@@ -152,5 +167,116 @@ impl Drop for ReviewTimer<'_> {
                 result: self.result.to_string(),
             })
             .observe(self.start.elapsed().as_secs_f64());
+    }
+}
+
+/// Labels of an ElfMachine waiting for its addresses to be released.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReleaseLabels {
+    /// `namespace/name` of the ElfMachine.
+    pub machine: String,
+    /// `vm-deletion` while CAPE's finalizer is still on the machine (CAPE is deleting the VM),
+    /// `release` once only ours is left (our release has not finished).
+    pub waiting_for: String,
+}
+
+/// The machines being deleted that still carry our finalizer, with their deletion time: what
+/// the alert on a release stuck for an hour reads. Refreshed by the background loop from its
+/// cache of ElfMachines.
+#[derive(Clone, Default)]
+pub struct ReleaseWaiting {
+    family: Family<ReleaseLabels, Gauge>,
+    shown: Arc<Mutex<HashSet<ReleaseLabels>>>,
+}
+
+impl ReleaseWaiting {
+    /// Replaces the series with the machines of `machines` that wait for a release. A machine
+    /// that still waits keeps its series throughout (no scrape sees it missing).
+    pub fn observe<'a>(&self, machines: impl IntoIterator<Item = &'a ElfMachine>) {
+        let mut now = HashSet::new();
+        for m in machines {
+            let Some(deleted) = &m.metadata.deletion_timestamp else {
+                continue;
+            };
+            let finalizers = m.finalizers();
+            if !finalizers.iter().any(|f| f == STATIC_IP_FINALIZER) {
+                continue;
+            }
+            let cape = finalizers.iter().any(|f| f == CAPE_FINALIZER);
+            let labels = ReleaseLabels {
+                machine: format!("{}/{}", m.namespace().unwrap_or_default(), m.name_any()),
+                waiting_for: if cape { "vm-deletion" } else { "release" }.into(),
+            };
+            self.family
+                .get_or_create(&labels)
+                .set(deleted.0.as_second());
+            now.insert(labels);
+        }
+        let mut shown = self.shown.lock().unwrap_or_else(|e| e.into_inner());
+        for gone in shown.difference(&now) {
+            self.family.remove(gone);
+        }
+        *shown = now;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn machine(name: &str, deleted: Option<&str>, finalizers: &[&str]) -> ElfMachine {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "infrastructure.cluster.x-k8s.io/v1beta1",
+            "kind": "ElfMachine",
+            "metadata": {"name": name, "namespace": "ns", "deletionTimestamp": deleted,
+                         "finalizers": finalizers},
+            "spec": {"network": {"devices": []}},
+        }))
+        .unwrap()
+    }
+
+    fn waiting_lines(m: &Metrics) -> Vec<String> {
+        m.encode()
+            .lines()
+            .filter(|l| l.starts_with("cape_static_ip_release_waiting_since_timestamp_seconds{"))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn release_waiting_names_each_machine_and_what_it_waits_for() {
+        let m = Metrics::default();
+        let both = [CAPE_FINALIZER, STATIC_IP_FINALIZER];
+        let machines = [
+            machine("vm", Some("2026-12-01T10:00:00Z"), &both),
+            machine("ours", Some("2026-12-01T11:00:00Z"), &[STATIC_IP_FINALIZER]),
+            machine("live", None, &both),
+            machine("not-ours", Some("2026-12-01T10:00:00Z"), &[CAPE_FINALIZER]),
+        ];
+        m.release_waiting.observe(&machines);
+        let mut lines = waiting_lines(&m);
+        lines.sort();
+        assert_eq!(
+            lines,
+            [
+                "cape_static_ip_release_waiting_since_timestamp_seconds{machine=\"ns/ours\",waiting_for=\"release\"} 1796122800",
+                "cape_static_ip_release_waiting_since_timestamp_seconds{machine=\"ns/vm\",waiting_for=\"vm-deletion\"} 1796119200",
+            ]
+        );
+        // CAPE's finalizer went: the machine now waits for us, under the other label only.
+        let machines = [machine(
+            "vm",
+            Some("2026-12-01T10:00:00Z"),
+            &[STATIC_IP_FINALIZER],
+        )];
+        m.release_waiting.observe(&machines);
+        assert_eq!(
+            waiting_lines(&m),
+            [
+                "cape_static_ip_release_waiting_since_timestamp_seconds{machine=\"ns/vm\",waiting_for=\"release\"} 1796119200"
+            ]
+        );
+        m.release_waiting.observe(&[]);
+        assert!(waiting_lines(&m).is_empty());
     }
 }

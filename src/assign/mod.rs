@@ -104,6 +104,17 @@ impl AssignError {
             AssignError::Api { .. } => 503,
         }
     }
+
+    /// The `result` label of a failed allocation in `cape_static_ip_allocations_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AssignError::NoPool { .. } => "no_pool",
+            AssignError::BadPool { .. } => "bad_pool",
+            AssignError::Exhausted { .. } => "exhausted",
+            AssignError::Conflict { .. } => "conflict",
+            AssignError::Api { .. } => "api_error",
+        }
+    }
 }
 
 /// Whether a device takes a static address that it does not have yet.

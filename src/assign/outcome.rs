@@ -73,7 +73,7 @@ impl Assigner {
                 .allocations
                 .get_or_create(&PoolLabels {
                     pool: String::new(),
-                    result: "denied".into(),
+                    result: e.reason().into(),
                 })
                 .inc();
             return;

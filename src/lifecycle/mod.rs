@@ -113,6 +113,10 @@ impl Lifecycle {
                     if machines.wait_until_ready().await.is_err() {
                         return;
                     }
+                    let cached = machines.state();
+                    this.metrics
+                        .release_waiting
+                        .observe(cached.iter().map(|m| &**m));
                     this.sweep_claims(&machines).await;
                     this.sweep_addresses().await;
                     this.update_pool_status().await;
