@@ -97,6 +97,7 @@ async fn start_webhook(client: &Client, certs: &Path) -> InProcess {
             metrics: metrics.clone(),
             events,
             activity: Default::default(),
+            claim_grace: Duration::from_secs(120),
         },
         metrics: metrics.clone(),
         stopping: Arc::new(AtomicBool::new(false)),

@@ -70,10 +70,16 @@ pub struct ServeArgs {
     /// How often everything is re-checked, besides reacting to watch events.
     #[arg(long, env = "CAPE_STATIC_IP_RESYNC", default_value = "5m", value_parser = humantime::parse_duration)]
     pub resync: Duration,
-    /// Age after which a claim whose machine does not exist is released. Must exceed the
-    /// webhook timeout.
+    /// How long a claim must have been seen unchanged (by this replica's own clock) before
+    /// it may be released for want of a machine or of a device carrying its address. Must
+    /// exceed the longest admission the apiserver allows (see --apiserver-request-timeout).
     #[arg(long, env = "CAPE_STATIC_IP_CLAIM_GRACE", default_value = "2m", value_parser = humantime::parse_duration)]
     pub claim_grace: Duration,
+    /// The kube-apiserver's `--request-timeout` (60s unless changed): no create can stay in
+    /// admission longer, so a claim grace above it (plus a margin) never releases the claim
+    /// of a create still in flight.
+    #[arg(long, env = "CAPE_STATIC_IP_APISERVER_REQUEST_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub apiserver_request_timeout: Duration,
     /// How often the certificate files are checked for a rotation.
     #[arg(long, env = "CAPE_STATIC_IP_CERT_RELOAD", default_value = "2s", value_parser = humantime::parse_duration)]
     pub cert_reload: Duration,

@@ -41,6 +41,14 @@ pub const ANNOTATION_DEVICE: &str = "static-ip.infrastructure.cluster.x-k8s.io/d
 /// The owning machine's uid, recorded once the machine exists (annotation).
 pub const ANNOTATION_MACHINE_UID: &str = "static-ip.infrastructure.cluster.x-k8s.io/machine-uid";
 
+/// When a request last took over an existing claim (annotation; its write changes the
+/// claim's resourceVersion, which is what matters: see `cluster::writer::touch_claim`).
+pub const ANNOTATION_LEASED_AT: &str = "static-ip.infrastructure.cluster.x-k8s.io/leased-at";
+
+/// Our finalizer on IPPools that hold addresses we wrote: a pool cannot disappear (and be
+/// re-created empty) while machines carry its addresses. Removed once none is left.
+pub const POOL_FINALIZER: &str = "static-ip.infrastructure.cluster.x-k8s.io/pool-in-use";
+
 /// The longest value a label may have.
 pub const MAX_LABEL_VALUE: usize = 63;
 

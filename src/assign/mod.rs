@@ -32,7 +32,7 @@ use crate::ipam::pool::address_name;
 use crate::ipam::select::{self, DeviceRequest, PoolKey};
 use crate::metrics::Metrics;
 use lease::{lease_of, owner_annotations};
-use repair::Written;
+use repair::{Existing, Written, WrittenAddress, WrittenClaim};
 
 /// How many times one device retries after losing an address to another writer (409)
 /// before giving up on a pool.
@@ -134,6 +134,9 @@ pub struct Assigner {
     pub events: Events,
     /// When addresses were last assigned (background housekeeping yields to a burst).
     pub activity: Arc<Activity>,
+    /// A claim unchanged for less than this may belong to a request still in admission
+    /// (`--claim-grace`): a CREATE reuses only such a claim, older ones are the sweep's.
+    pub claim_grace: Duration,
 }
 
 impl Assigner {
@@ -209,6 +212,8 @@ impl Assigner {
         })
     }
 
+    /// Leases one device: an existing claim of this machine for it when one can serve it,
+    /// else a new address and claim from the first selected pool with a free address.
     async fn lease_device(
         &self,
         m: &MachineView<'_>,
@@ -219,56 +224,29 @@ impl Assigner {
         written: &mut Written,
     ) -> Result<Lease, AssignError> {
         let machine = machine_key(m.namespace, m.name);
-        let pool_ref = m.devices[device]
-            .addresses_from_pools
-            .first()
-            .filter(|r| names_metal3_pool(r.api_group.as_deref(), &r.kind))
-            .map(|r| r.name.as_str());
-        let template_labels = template.and_then(|t| t.as_ref().ok());
-        let request = DeviceRequest {
-            machine_namespace: m.namespace,
-            machine_labels: m.labels,
-            template_labels,
-            pool_ref,
-        };
-        let metas = self.caches.index.pool_metas();
-        let selection = select::select(&request, &metas, &self.default_namespace).map_err(|e| {
-            let mut reason = e.to_string();
-            if let Some(Err(t)) = template {
-                reason.push_str(&format!(" ({t})"));
-            }
-            AssignError::NoPool {
-                machine: machine.clone(),
-                device,
-                reason,
-            }
-        })?;
-        let claim = claim_name(m.namespace, m.name, device);
-
+        let candidates = self.select_pools(m, device, template)?;
         // A claim that exists already (a retried request, a wiped ipAddrs, the Go
-        // controller's claim on take-over) keeps its address.
-        for pool in &selection.candidates {
-            if let Some(lease) = self
-                .existing_lease(m, device, pool, &claim, false, dry_run)
-                .await?
-            {
-                return Ok(lease);
+        // controller's claim on take-over) keeps its address, unless it cannot serve this
+        // device (another device carries its address, it belongs to someone else, ...).
+        let names = self.claim_names(m, device);
+        let mut unusable = Vec::new();
+        for pool in &candidates {
+            for claim in &names {
+                match self
+                    .existing_lease(m, device, pool, claim, false, dry_run)
+                    .await?
+                {
+                    Existing::Lease(lease) => return Ok(lease),
+                    Existing::Unusable => unusable.push(claim.clone()),
+                    Existing::Absent => {}
+                }
             }
         }
-
+        let claim = self.free_claim_name(m, device, &candidates, &unusable);
         let mut full = Vec::new();
-        for pool in &selection.candidates {
+        for pool in &candidates {
             if dry_run {
-                let skip: Vec<Ipv4Addr> = earlier.iter().map(|l| l.address).collect();
-                let peek = self
-                    .caches
-                    .index
-                    .with_pool(pool, |s| {
-                        s.peek(&claim, &skip)
-                            .map(|ip| lease_of(s.pool(), device, pool, &claim, ip))
-                    })
-                    .map_err(|e| self.unavailable(&machine, device, e))?;
-                match peek {
+                match self.peek(m, device, pool, &claim, earlier)? {
                     Some(lease) => return Ok(lease),
                     None => {
                         full.push(pool.to_string());
@@ -301,6 +279,124 @@ impl Assigner {
         })
     }
 
+    /// The pools a device may take an address from, in the order to try them.
+    fn select_pools(
+        &self,
+        m: &MachineView<'_>,
+        device: usize,
+        template: Option<&Result<BTreeMap<String, String>, String>>,
+    ) -> Result<Vec<PoolKey>, AssignError> {
+        let pool_ref = m.devices[device]
+            .addresses_from_pools
+            .first()
+            .filter(|r| names_metal3_pool(r.api_group.as_deref(), &r.kind))
+            .map(|r| r.name.as_str());
+        let request = DeviceRequest {
+            machine_namespace: m.namespace,
+            machine_labels: m.labels,
+            template_labels: template.and_then(|t| t.as_ref().ok()),
+            pool_ref,
+        };
+        let metas = self.caches.index.pool_metas();
+        let selection = select::select(&request, &metas, &self.default_namespace).map_err(|e| {
+            let mut reason = e.to_string();
+            if let Some(Err(t)) = template {
+                reason.push_str(&format!(" ({t})"));
+            }
+            AssignError::NoPool {
+                machine: machine_key(m.namespace, m.name),
+                device,
+                reason,
+            }
+        })?;
+        // A pool being deleted gives no new address (it waits for its addresses to go).
+        let (live, deleting): (Vec<PoolKey>, Vec<PoolKey>) =
+            selection.candidates.into_iter().partition(|k| {
+                self.caches
+                    .pools
+                    .get(&ObjectRef::new(&k.name).within(&k.namespace))
+                    .is_none_or(|p| p.metadata.deletion_timestamp.is_none())
+            });
+        if live.is_empty()
+            && let Some(first) = deleting.first()
+        {
+            return Err(AssignError::NoPool {
+                machine: machine_key(m.namespace, m.name),
+                device,
+                reason: format!(
+                    "IPPool {first} is being deleted (it stays until no machine holds its addresses); choose another pool"
+                ),
+            });
+        }
+        Ok(live)
+    }
+
+    /// The claim names that may already hold this device's address: the Go controller's
+    /// `<ns>-<name>-<device>`, then any other claim of ours recorded for this device index.
+    fn claim_names(&self, m: &MachineView<'_>, device: usize) -> Vec<String> {
+        let base = claim_name(m.namespace, m.name, device);
+        let mut others: Vec<String> = self
+            .caches
+            .claims
+            .of_machine(&machine_key(m.namespace, m.name))
+            .iter()
+            .filter(|c| *c.name != *base)
+            .filter(|c| c.device.as_deref() == Some(device.to_string().as_str()))
+            .map(|c| c.name.to_string())
+            .collect();
+        others.sort();
+        others.dedup();
+        let mut names = vec![base];
+        names.extend(others);
+        names
+    }
+
+    /// A name for a new claim of this device: `<ns>-<name>-<device>` when it is free, else
+    /// that name with `-1`, `-2`, ... (the index in a claim's name is a naming scheme, not
+    /// an identity). A name taken meanwhile by a concurrent request is settled by its 409.
+    fn free_claim_name(
+        &self,
+        m: &MachineView<'_>,
+        device: usize,
+        pools: &[PoolKey],
+        unusable: &[String],
+    ) -> String {
+        let base = claim_name(m.namespace, m.name, device);
+        let taken = |name: &str| {
+            unusable.iter().any(|u| u == name)
+                || pools
+                    .iter()
+                    .any(|p| self.caches.claims.get(&p.namespace, name).is_some())
+        };
+        if !unusable.contains(&base) {
+            return base;
+        }
+        (1..)
+            .map(|n| format!("{base}-{n}"))
+            .find(|name| !taken(name))
+            .unwrap_or(base)
+    }
+
+    /// What a dry run would be given in `pool`, skipping addresses chosen for the request's
+    /// earlier devices.
+    fn peek(
+        &self,
+        m: &MachineView<'_>,
+        device: usize,
+        pool: &PoolKey,
+        claim: &str,
+        earlier: &[Lease],
+    ) -> Result<Option<Lease>, AssignError> {
+        let skip: Vec<Ipv4Addr> = earlier.iter().map(|l| l.address).collect();
+        self.caches
+            .index
+            .with_pool(pool, |s| {
+                s.peek(claim, &skip)
+                    .map(|ip| lease_of(s.pool(), device, pool, claim, ip))
+            })
+            .map_err(|e| self.unavailable(&machine_key(m.namespace, m.name), device, e))
+    }
+
     fn unavailable(&self, machine: &str, device: usize, e: PoolUnavailable) -> AssignError {
         match e {
             PoolUnavailable::Missing(key) => AssignError::NoPool {
@@ -328,11 +424,6 @@ impl Assigner {
     ) -> Result<Option<Lease>, AssignError> {
         let machine = machine_key(m.namespace, m.name);
         let index = &self.caches.index;
-        let pool_uid = self
-            .caches
-            .pools
-            .get(&ObjectRef::new(&pool.name).within(&pool.namespace))
-            .and_then(|p| p.uid());
         let labels = owner_labels(m.namespace, m.name);
         for _ in 0..MAX_CONFLICTS {
             let reserved = index
@@ -358,7 +449,6 @@ impl Assigner {
             let object = AddressObject {
                 name: &name,
                 pool,
-                pool_uid: pool_uid.as_deref(),
                 claim,
                 address: ip,
                 prefix: lease.prefix,
@@ -366,12 +456,16 @@ impl Assigner {
                 dns_servers: &lease.dns_servers,
                 labels: &labels,
             };
-            match writer::create_address(&self.client, &object).await {
+            match self.create_address(&object).await {
                 Ok(Created::Created(_)) => {
                     let _ = index.with_pool(pool, |s| s.commit(ip));
-                    written
-                        .addresses
-                        .push((pool.namespace.clone(), name, pool.clone(), ip));
+                    written.addresses.push(WrittenAddress {
+                        namespace: pool.namespace.clone(),
+                        name,
+                        pool: pool.clone(),
+                        address: ip,
+                        claim: claim.to_string(),
+                    });
                     return Ok(Some(lease));
                 }
                 Ok(Created::Exists) => {
@@ -415,6 +509,31 @@ impl Assigner {
         })
     }
 
+    /// Creates an IPAddress. A failure whose outcome is unknown (transport error, timeout,
+    /// 5xx) is settled by reading the object back: if it was stored for this claim, it is
+    /// ours ("maybe written" is never taken for "not written").
+    async fn create_address(&self, object: &AddressObject<'_>) -> Result<Created<()>, kube::Error> {
+        let e = match writer::create_address(&self.client, object).await {
+            Ok(Created::Created(_)) => return Ok(Created::Created(())),
+            Ok(Created::Exists) => return Ok(Created::Exists),
+            Err(e) if !writer::maybe_written(&e) => return Err(e),
+            Err(e) => e,
+        };
+        tracing::warn!(address = %format!("{}/{}", object.pool.namespace, object.name), error = %e, "creating IPAddress: outcome unknown, reading it back");
+        match writer::get_address(&self.client, &object.pool.namespace, object.name).await {
+            Ok(Some(a))
+                if a.spec.claim.name.as_deref() == Some(object.claim)
+                    && a.spec.address == object.address.to_string() =>
+            {
+                Ok(Created::Created(()))
+            }
+            Ok(Some(_)) => Ok(Created::Exists),
+            // Not stored, or unknown: the background loop releases a stored address that no
+            // claim points at once the grace period has passed.
+            Ok(None) | Err(_) => Err(e),
+        }
+    }
+
     /// Creates the claim for a freshly created address and points it at the address.
     /// Returns false when a claim of that name exists already (the same request delivered
     /// twice): the caller gives its address back and takes the claim's.
@@ -439,7 +558,7 @@ impl Assigner {
             action,
             source,
         };
-        match writer::create_claim(
+        let created = match writer::create_claim(
             &self.client,
             &lease.pool,
             &lease.claim,
@@ -448,23 +567,45 @@ impl Assigner {
         )
         .await
         {
-            Ok(Created::Created(_)) => {
-                written.claims.push((ns.clone(), lease.claim.clone()));
-            }
+            Ok(Created::Created(c)) => c.metadata.resource_version,
             Ok(Created::Exists) => return Ok(false),
+            Err(source) if writer::maybe_written(&source) => {
+                // Stored or not? Ours if it names this machine and this address.
+                match writer::get_claim(&self.client, ns, &lease.claim).await {
+                    Ok(Some(c))
+                        if c.annotations().get(ANNOTATION_MACHINE) == Some(&machine)
+                            && c.annotations().get(METAL3_REQUESTED_IP)
+                                == Some(&lease.address.to_string()) =>
+                    {
+                        c.metadata.resource_version
+                    }
+                    Ok(Some(_)) => return Ok(false),
+                    _ => {
+                        return Err(api_err(
+                            format!("creating IPClaim {ns}/{}", lease.claim),
+                            source,
+                        ));
+                    }
+                }
+            }
             Err(source) => {
                 return Err(api_err(
                     format!("creating IPClaim {ns}/{}", lease.claim),
                     source,
                 ));
             }
-        }
+        };
+        written.claims.push(WrittenClaim {
+            namespace: ns.clone(),
+            name: lease.claim.clone(),
+            resource_version: created,
+        });
         let address = written
             .addresses
             .last()
-            .map(|a| a.1.clone())
+            .map(|a| a.name.clone())
             .unwrap_or_default();
-        writer::set_claim_address(&self.client, ns, &lease.claim, &address)
+        let version = writer::set_claim_address(&self.client, ns, &lease.claim, &address)
             .await
             .map_err(|source| {
                 api_err(
@@ -472,6 +613,9 @@ impl Assigner {
                     source,
                 )
             })?;
+        if let Some(c) = written.claims.last_mut() {
+            c.resource_version = version;
+        }
         Ok(true)
     }
 }

@@ -1,6 +1,17 @@
-//! Repair: a claim that exists already keeps its address (a retried request, a wiped
-//! `ipAddrs`, a take-over), half-written pairs are completed, and what a failed request
-//! wrote is given back.
+//! Repair and reuse: a claim that exists already keeps its address (a retried request, a
+//! wiped `ipAddrs`, a take-over), half-written pairs are completed, and what a failed
+//! request wrote is given back.
+//!
+//! The rules that keep one address off two NICs:
+//! - a claim is reused for a device only if no other device of this machine, and no other
+//!   live machine, carries its address; a claim of another machine, of an earlier machine of
+//!   the same name (bound to another uid), or (at CREATE) one unchanged for longer than the
+//!   claim grace (an interrupted request or a machine gone without its release: the sweep's)
+//!   is not reused, and the device gets a new claim under another name;
+//! - reusing a claim writes to it (`touch_claim`, or completing its status), so a release
+//!   decided on the version read before (a sweep, a concurrent request's give-back) fails
+//!   its resourceVersion precondition instead of deleting what this request hands out;
+//! - a give-back deletes only the version of a claim that this request wrote.
 
 use std::net::Ipv4Addr;
 
@@ -8,15 +19,46 @@ use kube::ResourceExt;
 
 use super::lease::lease_of_address;
 use super::{AssignError, Assigner, CLAIM_WAIT_STEP, CLAIM_WAIT_TRIES, Lease, MachineView};
-use crate::cluster::writer::{self};
+use crate::cluster::crd::IPClaim;
+use crate::cluster::writer::{self, Deleted};
 use crate::contract::*;
 use crate::ipam::select::PoolKey;
+
+/// An IPAddress one request created.
+#[derive(Debug)]
+pub(super) struct WrittenAddress {
+    pub(super) namespace: String,
+    pub(super) name: String,
+    pub(super) pool: PoolKey,
+    pub(super) address: Ipv4Addr,
+    /// The claim it was made for.
+    pub(super) claim: String,
+}
+
+/// An IPClaim one request created, with the resourceVersion of its last write.
+#[derive(Debug)]
+pub(super) struct WrittenClaim {
+    pub(super) namespace: String,
+    pub(super) name: String,
+    pub(super) resource_version: Option<String>,
+}
 
 /// What one request wrote, to give back on failure.
 #[derive(Debug, Default)]
 pub(super) struct Written {
-    pub(super) addresses: Vec<(String, String, PoolKey, Ipv4Addr)>,
-    pub(super) claims: Vec<(String, String)>,
+    pub(super) addresses: Vec<WrittenAddress>,
+    pub(super) claims: Vec<WrittenClaim>,
+}
+
+/// What an existing claim name means for a device.
+#[derive(Debug)]
+pub(super) enum Existing {
+    /// The claim (now taken by this request) holds this lease.
+    Lease(Lease),
+    /// No claim of that name, or one being filled in by another request.
+    Absent,
+    /// A claim of that name exists but cannot serve this device; use another name.
+    Unusable,
 }
 
 impl Assigner {
@@ -29,13 +71,14 @@ impl Assigner {
         claim: &str,
     ) -> Result<Lease, AssignError> {
         for _ in 0..CLAIM_WAIT_TRIES {
-            if let Some(lease) = self
+            match self
                 .existing_lease(m, device, pool, claim, true, false)
                 .await?
             {
-                return Ok(lease);
+                Existing::Lease(lease) => return Ok(lease),
+                Existing::Unusable => break,
+                Existing::Absent => tokio::time::sleep(CLAIM_WAIT_STEP).await,
             }
-            tokio::time::sleep(CLAIM_WAIT_STEP).await;
         }
         Err(AssignError::Conflict {
             machine: machine_key(m.namespace, m.name),
@@ -47,9 +90,80 @@ impl Assigner {
         })
     }
 
-    /// The lease held by an existing claim of this device, if any. Repairs a half-written
-    /// pair (an address without its claim, a claim without `status.address`) unless
-    /// `dry_run`, which only shows the lease.
+    /// Whether a claim that exists cannot serve device `device` of `m` (see the module
+    /// comment). An error for a CREATE that meets a claim bound to an earlier machine.
+    fn refuse_claim(
+        &self,
+        m: &MachineView<'_>,
+        device: usize,
+        pool: &PoolKey,
+        live: &IPClaim,
+    ) -> Result<bool, AssignError> {
+        let machine = machine_key(m.namespace, m.name);
+        let claim = live.name_any();
+        if live.metadata.deletion_timestamp.is_some() {
+            return Ok(true);
+        }
+        if live
+            .annotations()
+            .get(ANNOTATION_MACHINE)
+            .is_some_and(|o| *o != machine)
+        {
+            return Ok(true);
+        }
+        // Bound to an earlier machine of this name (deleted without its release, e.g. its
+        // finalizers removed by hand): never reused; the sweep releases it.
+        if let Some(bound) = live.annotations().get(ANNOTATION_MACHINE_UID)
+            && m.uid != Some(bound.as_str())
+        {
+            if m.uid.is_some() {
+                return Ok(true);
+            }
+            return Err(AssignError::Conflict {
+                machine,
+                device,
+                reason: format!(
+                    "IPClaim {}/{claim} is bound to an earlier ElfMachine of this name (uid {bound}); it is released within --claim-grace once that machine is gone (or delete the claim); retry then",
+                    pool.namespace
+                ),
+            });
+        }
+        if live.spec.pool.name.as_deref().unwrap_or_default() != pool.name {
+            return Ok(true);
+        }
+        // At CREATE no machine holds the claim yet: only a claim young enough to belong to
+        // a request still in admission (a retry, the same request delivered twice) is this
+        // machine's; an older one is an interrupted request's or an earlier machine's.
+        Ok(m.uid.is_none() && self.is_stale(&pool.namespace, live))
+    }
+
+    /// Whether this replica has seen the claim unchanged, at this very version, for longer
+    /// than the claim grace (its own monotonic clock; a claim it has not seen is young).
+    fn is_stale(&self, namespace: &str, live: &IPClaim) -> bool {
+        self.caches
+            .claims
+            .get(namespace, &live.name_any())
+            .is_some_and(|c| {
+                c.resource_version.as_deref() == live.resource_version().as_deref()
+                    && c.unchanged_for() > self.claim_grace
+            })
+    }
+
+    /// Whether `ip` is carried by another device of `m`, or by another live machine.
+    fn carried_elsewhere(&self, m: &MachineView<'_>, device: usize, ip: Ipv4Addr) -> bool {
+        let text = ip.to_string();
+        let on_other_device = m
+            .devices
+            .iter()
+            .enumerate()
+            .any(|(i, d)| i != device && d.ip_addrs.contains(&text));
+        let machine = machine_key(m.namespace, m.name);
+        on_other_device || self.caches.index.carriers(ip).iter().any(|k| *k != machine)
+    }
+
+    /// The lease held by an existing claim of this name for this device. Repairs a
+    /// half-written pair (an address without its claim, a claim without `status.address`)
+    /// and takes the claim over (a write) unless `dry_run`, which only shows the lease.
     pub(super) async fn existing_lease(
         &self,
         m: &MachineView<'_>,
@@ -58,53 +172,32 @@ impl Assigner {
         claim: &str,
         live_read: bool,
         dry_run: bool,
-    ) -> Result<Option<Lease>, AssignError> {
+    ) -> Result<Existing, AssignError> {
         let machine = machine_key(m.namespace, m.name);
         let cached = self.caches.claims.get(&pool.namespace, claim);
         let of_claim = self.caches.index.addresses_of_claim(&pool.namespace, claim);
         if !live_read && cached.is_none() && of_claim.is_empty() {
-            return Ok(None);
+            return Ok(Existing::Absent);
         }
+        let api_err = |action: String, source| AssignError::Api {
+            machine: machine.clone(),
+            device,
+            action,
+            source,
+        };
         // Read the claim live: the decision must not rest on a lagging cache.
         let live = writer::get_claim(&self.client, &pool.namespace, claim)
             .await
-            .map_err(|source| AssignError::Api {
-                machine: machine.clone(),
-                device,
-                action: format!("reading IPClaim {}/{claim}", pool.namespace),
-                source,
+            .map_err(|source| {
+                api_err(
+                    format!("reading IPClaim {}/{claim}", pool.namespace),
+                    source,
+                )
             })?;
-        if let Some(c) = &live {
-            let owner = c.annotations().get(ANNOTATION_MACHINE);
-            if owner.is_some_and(|o| *o != machine) {
-                return Err(AssignError::Conflict {
-                    machine,
-                    device,
-                    reason: format!(
-                        "IPClaim {}/{claim} belongs to ElfMachine {}; rename one of the machines",
-                        pool.namespace,
-                        owner.map(String::as_str).unwrap_or_default()
-                    ),
-                });
-            }
-            // Bound to an earlier machine of this name (deleted without its release, e.g. its
-            // finalizers removed by hand): never reused; the sweep releases it.
-            if let Some(bound) = c.annotations().get(ANNOTATION_MACHINE_UID)
-                && m.uid != Some(bound.as_str())
-            {
-                return Err(AssignError::Conflict {
-                    machine,
-                    device,
-                    reason: format!(
-                        "IPClaim {}/{claim} is bound to an earlier ElfMachine of this name (uid {bound}); it is released within --claim-grace once that machine is gone (or delete the claim); retry then",
-                        pool.namespace
-                    ),
-                });
-            }
-            let claim_pool = c.spec.pool.name.as_deref().unwrap_or_default();
-            if claim_pool != pool.name {
-                return Ok(None);
-            }
+        if let Some(c) = &live
+            && self.refuse_claim(m, device, pool, c)?
+        {
+            return Ok(Existing::Unusable);
         }
         // The address: the one the claim points at, else one that names the claim.
         let pointed = live
@@ -112,83 +205,137 @@ impl Assigner {
             .and_then(|c| c.status.as_ref())
             .and_then(|s| s.address.as_ref())
             .and_then(|a| a.name.clone());
-        let address_name = match pointed {
-            Some(name) => Some(name),
-            None => of_claim
-                .iter()
-                .find(|a| *a.pool == *pool)
-                .map(|a| a.name.to_string()),
+        let orphan = of_claim.iter().find(|a| *a.pool == *pool);
+        let Some(address_name) = pointed
+            .clone()
+            .or_else(|| orphan.map(|a| a.name.to_string()))
+        else {
+            // A claim without an address: being filled in, or left so long ago that it is
+            // the sweep's.
+            return Ok(match &live {
+                Some(c) if self.is_stale(&pool.namespace, c) => Existing::Unusable,
+                _ => Existing::Absent,
+            });
         };
-        let Some(address_name) = address_name else {
-            return Ok(None);
-        };
+        // An address whose claim is gone, left for longer than the grace: the sweep's.
+        if live.is_none()
+            && m.uid.is_none()
+            && orphan.is_some_and(|a| a.since.elapsed() > self.claim_grace)
+        {
+            return Ok(Existing::Unusable);
+        }
         let address = writer::get_address(&self.client, &pool.namespace, &address_name)
             .await
-            .map_err(|source| AssignError::Api {
-                machine: machine.clone(),
-                device,
-                action: format!("reading IPAddress {}/{address_name}", pool.namespace),
-                source,
-            })?;
-        let Some(address) = address else {
-            return Ok(None);
-        };
-        let Some(lease) = lease_of_address(&address, device, pool, claim) else {
-            return Ok(None);
-        };
-        if dry_run {
-            return Ok(Some(lease));
-        }
-        if live.is_none() {
-            // The address was written but its claim was not (an interrupted request).
-            let mut written = Written::default();
-            written.addresses.push((
-                pool.namespace.clone(),
-                address_name,
-                pool.clone(),
-                lease.address,
-            ));
-            if !self.record_claim(m, device, &lease, &mut written).await? {
-                return Ok(None);
-            }
-        } else if live
-            .as_ref()
-            .and_then(|c| c.status.as_ref())
-            .and_then(|s| s.address.as_ref())
-            .is_none()
-        {
-            writer::set_claim_address(&self.client, &pool.namespace, claim, &address_name)
-                .await
-                .map_err(|source| AssignError::Api {
-                    machine,
-                    device,
-                    action: format!(
-                        "setting status.address of IPClaim {}/{claim}",
-                        pool.namespace
-                    ),
+            .map_err(|source| {
+                api_err(
+                    format!("reading IPAddress {}/{address_name}", pool.namespace),
                     source,
-                })?;
+                )
+            })?;
+        let Some(lease) = address
+            .as_ref()
+            .and_then(|a| lease_of_address(a, device, pool, claim))
+        else {
+            return Ok(Existing::Absent);
+        };
+        if self.carried_elsewhere(m, device, lease.address) {
+            return Ok(Existing::Unusable);
         }
-        Ok(Some(lease))
+        if dry_run {
+            return Ok(Existing::Lease(lease));
+        }
+        match &live {
+            // The address was written but its claim was not (an interrupted request).
+            None => {
+                let mut written = Written::default();
+                written.addresses.push(WrittenAddress {
+                    namespace: pool.namespace.clone(),
+                    name: address_name,
+                    pool: pool.clone(),
+                    address: lease.address,
+                    claim: claim.to_string(),
+                });
+                if !self.record_claim(m, device, &lease, &mut written).await? {
+                    return Ok(Existing::Absent);
+                }
+            }
+            Some(c) if pointed.is_none() => {
+                writer::set_claim_address(&self.client, &pool.namespace, claim, &address_name)
+                    .await
+                    .map_err(|source| {
+                        api_err(
+                            format!(
+                                "setting status.address of IPClaim {}/{claim}",
+                                pool.namespace
+                            ),
+                            source,
+                        )
+                    })?;
+                let _ = c;
+            }
+            Some(c) => {
+                let taken =
+                    writer::touch_claim(&self.client, &pool.namespace, claim, c.uid().as_deref())
+                        .await
+                        .map_err(|source| {
+                            api_err(
+                                format!("taking over IPClaim {}/{claim}", pool.namespace),
+                                source,
+                            )
+                        })?;
+                if taken.is_none() {
+                    // Released (or replaced) an instant ago.
+                    return Ok(Existing::Absent);
+                }
+            }
+        }
+        Ok(Existing::Lease(lease))
     }
 
-    /// Deletes what a failed request wrote, newest first. Failures are logged: the sweeper
-    /// removes whatever is left once its grace period has passed.
+    /// Deletes what a failed request wrote, newest first: each claim only at the version
+    /// this request wrote (a claim another request took over meanwhile stays, with its
+    /// address). Failures are logged: the background loop releases whatever is left once
+    /// the grace period has passed.
     pub(super) async fn give_back(&self, written: Written) {
-        for (ns, name) in written.claims.iter().rev() {
+        let mut kept: Vec<(String, String)> = Vec::new();
+        for c in written.claims.iter().rev() {
+            let (ns, name) = (&c.namespace, &c.name);
             tracing::debug!(claim = %format!("{ns}/{name}"), "giving back claim");
-            if let Err(e) = writer::delete_claim(&self.client, ns, name, None).await {
-                tracing::warn!(claim = %format!("{ns}/{name}"), error = %e, "could not give back claim");
+            match writer::delete_claim_version(
+                &self.client,
+                ns,
+                name,
+                None,
+                c.resource_version.as_deref(),
+            )
+            .await
+            {
+                Ok(Deleted::Gone | Deleted::Missing | Deleted::Finalizing) => {}
+                Err(kube::Error::Api(s)) if s.code == 409 => {
+                    tracing::info!(claim = %format!("{ns}/{name}"), "claim taken over by another request: kept");
+                    kept.push((ns.clone(), name.clone()));
+                }
+                Err(e) => {
+                    tracing::warn!(claim = %format!("{ns}/{name}"), error = %e, "could not give back claim");
+                    kept.push((ns.clone(), name.clone()));
+                }
             }
         }
-        for (ns, name, pool, ip) in written.addresses.iter().rev() {
+        for a in written.addresses.iter().rev() {
+            if kept
+                .iter()
+                .any(|(ns, c)| *ns == a.namespace && *c == a.claim)
+            {
+                continue;
+            }
+            let (ns, name) = (&a.namespace, &a.name);
             match writer::delete_address(&self.client, ns, name, None).await {
                 Ok(_) => {
                     tracing::info!(address = %format!("{ns}/{name}"), "gave back address");
                     let _ = self
                         .caches
                         .index
-                        .with_pool(pool, |s| s.observe_released(*ip));
+                        .with_pool(&a.pool, |s| s.observe_released(a.address));
                 }
                 Err(e) => {
                     tracing::warn!(address = %format!("{ns}/{name}"), error = %e, "could not give back address")

@@ -1,10 +1,11 @@
 //! Watch caches of everything admission reads: IPPools and ElfMachineTemplates (kube-runtime
 //! reflectors), IPAddresses (kept only in the [`IpamIndex`]) and IPClaims (the
-//! [`ClaimCache`]), plus the ElfMachine CRD itself (to learn where DNS servers go). The two
-//! big ones keep a few fields per object, not the objects. [`Caches::ready`] is true once
-//! every watch has listed.
+//! [`ClaimCache`]), ElfMachines (a reflector without managedFields, whose devices' `ipAddrs`
+//! feed the index: an address a live machine carries is never offered, claim or no claim; the
+//! background loops subscribe to its changes), plus the ElfMachine CRD itself (to learn where
+//! DNS servers go). The big ones keep a few fields per object, not the objects.
+//! [`Caches::ready`] is true once every watch has listed.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use futures::{Stream, StreamExt};
@@ -16,7 +17,11 @@ use serde::de::DeserializeOwned;
 use tokio::task::JoinSet;
 
 use super::claims::ClaimCache;
-use super::crd::{ElfMachineTemplate, IPAddress, IPClaim, IPPool};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::mpsc;
+
+use super::crd::{ElfMachine, ElfMachineTemplate, IPAddress, IPClaim, IPPool};
 use super::index::IpamIndex;
 
 /// The name of CAPE's ElfMachine CRD.
@@ -30,8 +35,14 @@ pub struct Caches {
     pub templates: Store<ElfMachineTemplate>,
     pub index: Arc<IpamIndex>,
     pub schema: Arc<MachineSchema>,
+    /// Every ElfMachine, without managedFields.
+    pub machines: Store<ElfMachine>,
+    machine_feed: MachineFeed,
     synced: Arc<AtomicUsize>,
 }
+
+/// Where machine changes go once the background loops subscribed.
+type MachineFeed = Arc<Mutex<Option<mpsc::UnboundedSender<ElfMachine>>>>;
 
 /// What the installed ElfMachine CRD accepts, learned from the CRD the apiserver serves.
 #[derive(Debug, Default)]
@@ -73,7 +84,7 @@ impl MachineSchema {
 }
 
 /// The number of watches [`Caches::start`] runs.
-const WATCHES: usize = 5;
+const WATCHES: usize = 6;
 
 impl Caches {
     /// Starts every watch on `tasks`. The caches fill in the background; see [`Caches::ready`].
@@ -129,14 +140,38 @@ impl Caches {
                 Change::Deleted(_) | Change::Relisting | Change::Relisted => {}
             }));
         }
+        let machine_feed = MachineFeed::default();
+        let machines = watch_machines(
+            client,
+            tasks,
+            synced.clone(),
+            index.clone(),
+            machine_feed.clone(),
+        );
         Caches {
             pools,
             claims,
             templates,
             index,
             schema,
+            machines,
+            machine_feed,
             synced,
         }
+    }
+
+    /// Every machine now in the cache, then every machine added or changed from now on (not
+    /// deletions): what the background loops react to. One subscriber at a time.
+    pub fn subscribe_machines(
+        &self,
+    ) -> impl Stream<Item = Result<ElfMachine, watcher::Error>> + Send + use<> {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut feed = self.machine_feed.lock().unwrap_or_else(|e| e.into_inner());
+        for m in self.machines.state() {
+            let _ = tx.send((*m).clone());
+        }
+        *feed = Some(tx);
+        futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).map(Ok)
     }
 
     /// True once every watch has completed its first list.
@@ -209,6 +244,77 @@ fn follow<K>(
     let api: Api<K> = Api::all(client.clone());
     let stream = watcher(api, watcher::Config::default().page_size(LIST_PAGE)).default_backoff();
     tasks.spawn(drive(stream, synced, handle));
+}
+
+/// The addresses a machine's devices carry in `ipAddrs`, whatever their `networkType` (a
+/// device switched to DHCP and back keeps what it lists).
+pub fn carried_addresses(machine: &ElfMachine) -> Vec<std::net::Ipv4Addr> {
+    machine
+        .spec
+        .network
+        .devices
+        .iter()
+        .flat_map(|d| d.ip_addrs.iter())
+        .filter_map(|a| a.split('/').next().and_then(|ip| ip.trim().parse().ok()))
+        .collect()
+}
+
+fn machine_key_of(m: &ElfMachine) -> String {
+    format!(
+        "{}/{}",
+        m.metadata.namespace.as_deref().unwrap_or_default(),
+        m.metadata.name.as_deref().unwrap_or_default()
+    )
+}
+
+/// Watches ElfMachines into a store, feeds the addresses they carry to the index, and passes
+/// changes to the subscriber. The store, the index and the feed change under one lock, so a
+/// subscriber that starts from the store misses nothing.
+fn watch_machines(
+    client: &Client,
+    tasks: &mut JoinSet<()>,
+    synced: Arc<AtomicUsize>,
+    index: Arc<IpamIndex>,
+    feed: MachineFeed,
+) -> Store<ElfMachine> {
+    let (reader, mut writer) = reflector::store::<ElfMachine>();
+    let api: Api<ElfMachine> = Api::all(client.clone());
+    let stream = watcher(api, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .modify(|m: &mut ElfMachine| m.metadata.managed_fields = None);
+    tasks.spawn(async move {
+        let mut counted = false;
+        let mut stream = std::pin::pin!(stream);
+        while let Some(item) = stream.next().await {
+            let event = match item {
+                Ok(event) => event,
+                Err(e) => {
+                    tracing::warn!(error = %e, kind = "ElfMachine", "watch failed, retrying");
+                    continue;
+                }
+            };
+            let feed = feed.lock().unwrap_or_else(|e| e.into_inner());
+            writer.apply_watcher_event(&event);
+            match &event {
+                watcher::Event::Apply(m) | watcher::Event::InitApply(m) => {
+                    index.carry(&machine_key_of(m), carried_addresses(m));
+                    if let Some(tx) = feed.as_ref() {
+                        let _ = tx.send(m.clone());
+                    }
+                }
+                watcher::Event::Delete(m) => index.forget_machine(&machine_key_of(m)),
+                watcher::Event::Init => index.begin_machine_relist(),
+                watcher::Event::InitDone => {
+                    index.end_machine_relist();
+                    if !counted {
+                        counted = true;
+                        synced.fetch_add(1, Ordering::AcqRel);
+                    }
+                }
+            }
+        }
+    });
+    reader
 }
 
 /// Objects per page when listing IPAddresses and IPClaims.

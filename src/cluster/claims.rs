@@ -3,16 +3,25 @@
 //! IPAM objects the labels and annotations of full objects would cost most of the memory.
 //! Decisions that delete or change a claim are always taken on the live object; this cache
 //! only says where to look.
+//!
+//! Age is judged on this replica's monotonic clock, never against the apiserver's timestamps:
+//! [`ClaimInfo::since`] is when this replica first saw the claim's current resourceVersion. A
+//! claim is created (or last changed) before any replica sees it, so `since.elapsed()` never
+//! overstates its age, whatever the clocks say; after a restart every claim starts young.
 
 use std::collections::{HashMap, HashSet};
+use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 
 use super::crd::IPClaim;
 use super::intern::Interner;
-use crate::contract::{ANNOTATION_DEVICE, ANNOTATION_MACHINE, ANNOTATION_MACHINE_UID};
+use crate::contract::{
+    ANNOTATION_DEVICE, ANNOTATION_MACHINE, ANNOTATION_MACHINE_UID, METAL3_REQUESTED_IP,
+};
 
 /// (namespace, name) of a claim.
 type ClaimId = (Arc<str>, Arc<str>);
@@ -34,6 +43,18 @@ pub struct ClaimInfo {
     pub device: Option<Box<str>>,
     /// `status.address.name`.
     pub address: Option<Box<str>>,
+    /// The address the claim was made for (metal3's requested-IP annotation, which we set).
+    pub requested: Option<Ipv4Addr>,
+    pub resource_version: Option<Box<str>>,
+    /// When this replica first saw this resourceVersion of the claim.
+    pub since: Instant,
+}
+
+impl ClaimInfo {
+    /// How long the claim has been unchanged, at least (see the module comment).
+    pub fn unchanged_for(&self) -> std::time::Duration {
+        self.since.elapsed()
+    }
 }
 
 impl ClaimInfo {
@@ -55,6 +76,12 @@ impl ClaimInfo {
                 .and_then(|s| s.address.as_ref())
                 .and_then(|a| a.name.as_deref())
                 .map(Into::into),
+            requested: claim
+                .annotations()
+                .get(METAL3_REQUESTED_IP)
+                .and_then(|ip| ip.parse().ok()),
+            resource_version: claim.resource_version().map(Into::into),
+            since: Instant::now(),
         }
     }
 }
@@ -66,11 +93,25 @@ struct Inner {
     strings: Interner,
     /// The claims seen since the watch started a relist.
     relisting: Option<HashSet<ClaimId>>,
+    /// Machine (`namespace/name`, our annotation) → its claims.
+    by_machine: HashMap<Box<str>, HashSet<ClaimId>>,
 }
 
 impl Inner {
     fn intern(&mut self, s: &str) -> Arc<str> {
         self.strings.get(s)
+    }
+
+    fn remove(&mut self, id: &ClaimId) {
+        if let Some(old) = self.claims.remove(id)
+            && let Some(owner) = old.machine.as_deref()
+            && let Some(set) = self.by_machine.get_mut(owner)
+        {
+            set.remove(id);
+            if set.is_empty() {
+                self.by_machine.remove(owner);
+            }
+        }
     }
 }
 
@@ -89,6 +130,20 @@ impl ClaimCache {
     pub fn get(&self, namespace: &str, name: &str) -> Option<Arc<ClaimInfo>> {
         let id: ClaimId = (namespace.into(), name.into());
         self.lock().claims.get(&id).cloned()
+    }
+
+    /// The claims whose owner annotation names this machine (`namespace/name`).
+    pub fn of_machine(&self, machine: &str) -> Vec<Arc<ClaimInfo>> {
+        let inner = self.lock();
+        inner
+            .by_machine
+            .get(machine)
+            .map(|ids| {
+                ids.iter()
+                    .filter_map(|id| inner.claims.get(id).cloned())
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Every cached claim.
@@ -119,7 +174,20 @@ impl ClaimCache {
         if let Some(seen) = inner.relisting.as_mut() {
             seen.insert(id.clone());
         }
-        let info = ClaimInfo::of(claim, ns, id.1.clone(), pool);
+        let mut info = ClaimInfo::of(claim, ns, id.1.clone(), pool);
+        if let Some(old) = inner.claims.get(&id)
+            && old.resource_version == info.resource_version
+        {
+            info.since = old.since;
+        }
+        inner.remove(&id);
+        if let Some(owner) = info.machine.clone() {
+            inner
+                .by_machine
+                .entry(owner)
+                .or_default()
+                .insert(id.clone());
+        }
         inner.claims.insert(id, Arc::new(info));
     }
 
@@ -129,7 +197,7 @@ impl ClaimCache {
             claim.namespace().unwrap_or_default().into(),
             claim.name_any().into(),
         );
-        self.lock().claims.remove(&id);
+        self.lock().remove(&id);
     }
 
     /// The watch starts a relist; see [`ClaimCache::end_relist`].
@@ -141,7 +209,15 @@ impl ClaimCache {
     pub fn end_relist(&self) {
         let mut inner = self.lock();
         if let Some(seen) = inner.relisting.take() {
-            inner.claims.retain(|id, _| seen.contains(id));
+            let gone: Vec<ClaimId> = inner
+                .claims
+                .keys()
+                .filter(|id| !seen.contains(*id))
+                .cloned()
+                .collect();
+            for id in gone {
+                inner.remove(&id);
+            }
         }
     }
 }
@@ -181,6 +257,8 @@ mod tests {
             Some("a/n")
         );
         assert_eq!(cache.len(), 1);
+        assert!(cache.of_machine("a/m").is_empty());
+        assert_eq!(cache.of_machine("a/n").len(), 1);
 
         cache.delete(&claim("a", "two", None));
         assert!(cache.is_empty());

@@ -45,6 +45,12 @@ struct Inner {
     pool_keys: HashSet<Arc<PoolKey>>,
     /// The objects seen since the address watch started a relist.
     relisting: Option<HashSet<ObjectId>>,
+    /// Address → the machines (`namespace/name`) whose devices carry it in `ipAddrs`.
+    carriers: HashMap<Ipv4Addr, Vec<Arc<str>>>,
+    /// Machine (`namespace/name`) → the addresses its devices carry.
+    carried_by: HashMap<Arc<str>, Vec<Ipv4Addr>>,
+    /// The machines seen since the machine watch started a relist.
+    machines_relisting: Option<HashSet<Arc<str>>>,
 }
 
 /// One IPv4 IPAddress object, as the index keeps it.
@@ -62,6 +68,8 @@ pub struct AddressInfo {
     pub ours: bool,
     /// Has a deletion timestamp.
     pub deleting: bool,
+    /// When this replica first saw the object (its monotonic clock; see the claim cache).
+    pub since: std::time::Instant,
 }
 
 /// Shared, thread-safe allocation state. Locks are held only for in-memory work, never
@@ -198,6 +206,58 @@ impl IpamIndex {
         out
     }
 
+    /// The addresses a machine's devices carry now (`namespace/name`); replaces what it
+    /// carried before. Carried addresses are never offered by any pool that contains them.
+    pub fn carry(&self, machine: &str, addresses: Vec<Ipv4Addr>) {
+        let mut inner = self.lock();
+        let key: Arc<str> = match inner.carried_by.get_key_value(machine) {
+            Some((k, _)) => k.clone(),
+            None => machine.into(),
+        };
+        if let Some(seen) = inner.machines_relisting.as_mut() {
+            seen.insert(key.clone());
+        }
+        inner.set_carried(key, addresses);
+    }
+
+    /// A machine is gone: what it carried is free again (unless another machine carries it).
+    pub fn forget_machine(&self, machine: &str) {
+        let mut inner = self.lock();
+        let key: Arc<str> = machine.into();
+        inner.set_carried(key, Vec::new());
+    }
+
+    /// The machine watch starts a relist; see [`IpamIndex::end_machine_relist`].
+    pub fn begin_machine_relist(&self) {
+        self.lock().machines_relisting = Some(HashSet::new());
+    }
+
+    /// The relist is complete: machines it did not list are gone.
+    pub fn end_machine_relist(&self) {
+        let mut inner = self.lock();
+        let Some(seen) = inner.machines_relisting.take() else {
+            return;
+        };
+        let gone: Vec<Arc<str>> = inner
+            .carried_by
+            .keys()
+            .filter(|k| !seen.contains(*k))
+            .cloned()
+            .collect();
+        for key in gone {
+            inner.set_carried(key, Vec::new());
+        }
+    }
+
+    /// The machines (`namespace/name`) whose devices carry `address`.
+    pub fn carriers(&self, address: Ipv4Addr) -> Vec<String> {
+        self.lock()
+            .carriers
+            .get(&address)
+            .map(|m| m.iter().map(|k| k.to_string()).collect())
+            .unwrap_or_default()
+    }
+
     /// The IPAddress objects whose `spec.claim` names this claim.
     pub fn addresses_of_claim(&self, namespace: &str, claim: &str) -> Vec<Arc<AddressInfo>> {
         let inner = self.lock();
@@ -215,6 +275,44 @@ impl IpamIndex {
 }
 
 impl Inner {
+    /// Replaces what `machine` carries, and tells every pool about addresses that became
+    /// carried or stopped being carried.
+    fn set_carried(&mut self, machine: Arc<str>, mut addresses: Vec<Ipv4Addr>) {
+        addresses.sort();
+        addresses.dedup();
+        let before = if addresses.is_empty() {
+            self.carried_by.remove(&machine).unwrap_or_default()
+        } else {
+            self.carried_by
+                .insert(machine.clone(), addresses.clone())
+                .unwrap_or_default()
+        };
+        let mut changed = Vec::new();
+        for ip in before.iter().filter(|ip| !addresses.contains(ip)) {
+            if let Some(list) = self.carriers.get_mut(ip) {
+                list.retain(|m| *m != machine);
+                if list.is_empty() {
+                    self.carriers.remove(ip);
+                    changed.push((*ip, false));
+                }
+            }
+        }
+        for ip in addresses.iter().filter(|ip| !before.contains(ip)) {
+            let list = self.carriers.entry(*ip).or_default();
+            if list.is_empty() {
+                changed.push((*ip, true));
+            }
+            list.push(machine.clone());
+        }
+        for (ip, carried) in changed {
+            for slot in self.pools.values_mut() {
+                if let Slot::Valid(state) = slot {
+                    state.observe_carried(ip, carried);
+                }
+            }
+        }
+    }
+
     fn apply_pool(&mut self, pool: &IPPool) {
         let key = pool_key(pool);
         match parse_pool(&pool_input(pool)) {
@@ -230,8 +328,11 @@ impl Inner {
                         .get(&key)
                         .map(|h| h.keys().copied().collect())
                         .unwrap_or_default();
-                    self.pools
-                        .insert(key, Slot::Valid(Box::new(PoolState::new(parsed, known))));
+                    let mut state = PoolState::new(parsed, known);
+                    for ip in self.carriers.keys() {
+                        state.observe_carried(*ip, true);
+                    }
+                    self.pools.insert(key, Slot::Valid(Box::new(state)));
                 }
             },
             Err(e) => {
@@ -306,6 +407,11 @@ impl Inner {
             created: address.creation_timestamp().map(|t| t.0),
             ours: address.labels().get(LABEL_MANAGED_BY).map(String::as_str) == Some(MANAGER),
             deleting: address.metadata.deletion_timestamp.is_some(),
+            since: self
+                .objects
+                .get(&id)
+                .filter(|old| old.uid.as_deref() == address.uid().as_deref())
+                .map_or_else(std::time::Instant::now, |old| old.since),
         };
         if let Some(old) = self.objects.get(&id)
             && old.pool == info.pool

@@ -28,7 +28,6 @@ pub enum Created<K> {
 pub struct AddressObject<'a> {
     pub name: &'a str,
     pub pool: &'a PoolKey,
-    pub pool_uid: Option<&'a str>,
     pub claim: &'a str,
     pub address: std::net::Ipv4Addr,
     pub prefix: u8,
@@ -51,21 +50,16 @@ fn is_status(e: &kube::Error, code: u16) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == code)
 }
 
-/// Creates the IPAddress, as metal3's controller would (same name, spec and owner).
+/// Creates the IPAddress, as metal3's controller would (same name and spec), but without an
+/// ownerReference to the pool: the garbage collector would delete every address of a deleted
+/// pool while machines still carry them (a pool re-created from Git would hand them out
+/// again). Pools that hold our addresses carry our finalizer instead.
 pub async fn create_address(
     client: &Client,
     a: &AddressObject<'_>,
 ) -> Result<Created<IPAddress>, kube::Error> {
     let api: Api<IPAddress> = Api::namespaced(client.clone(), &a.pool.namespace);
-    let owner = a.pool_uid.map(|uid| {
-        vec![OwnerReference {
-            api_version: IPAM_API_VERSION.into(),
-            kind: "IPPool".into(),
-            name: a.pool.name.clone(),
-            uid: uid.into(),
-            ..Default::default()
-        }]
-    });
+    let owner: Option<Vec<OwnerReference>> = None;
     let object = IPAddress {
         metadata: ObjectMeta {
             name: Some(a.name.into()),
@@ -123,18 +117,53 @@ pub async fn create_claim(
     }
 }
 
-/// Points a claim's `status.address` at its IPAddress.
+/// Points a claim's `status.address` at its IPAddress; returns the claim's new
+/// resourceVersion.
 pub async fn set_claim_address(
     client: &Client,
     namespace: &str,
     claim: &str,
     address: &str,
-) -> Result<(), kube::Error> {
+) -> Result<Option<String>, kube::Error> {
     let api: Api<IPClaim> = Api::namespaced(client.clone(), namespace);
     let patch = json!({"status": {"address": {"name": address, "namespace": namespace}}});
-    api.patch_status(claim, &PatchParams::default(), &Patch::Merge(&patch))
+    let claim = api
+        .patch_status(claim, &PatchParams::default(), &Patch::Merge(&patch))
         .await?;
-    Ok(())
+    Ok(claim.metadata.resource_version)
+}
+
+/// Marks a claim as just taken by a request that reuses it: the write changes its
+/// resourceVersion, so a release decided on the older version (a sweep, a failed request's
+/// give-back) is refused by its precondition, and the claim is young again for the sweep.
+/// Guarded by the claim's uid. `None` when the claim is gone (or replaced).
+pub async fn touch_claim(
+    client: &Client,
+    namespace: &str,
+    claim: &str,
+    uid: Option<&str>,
+) -> Result<Option<String>, kube::Error> {
+    let api: Api<IPClaim> = Api::namespaced(client.clone(), namespace);
+    let stamp = format!("{}", k8s_openapi::jiff::Timestamp::now());
+    let patch = json!({"metadata": {
+        "uid": uid,
+        "annotations": {crate::contract::ANNOTATION_LEASED_AT: stamp},
+    }});
+    match api
+        .patch(claim, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        Ok(c) => Ok(c.metadata.resource_version),
+        Err(e) if is_status(&e, 404) || is_status(&e, 409) || is_status(&e, 422) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether a failed write may still have been stored: only an answer from the apiserver that
+/// refuses the request (a 4xx status) says it was not. A transport error, a timeout or a 5xx
+/// after the request was sent is "maybe written".
+pub fn maybe_written(e: &kube::Error) -> bool {
+    !matches!(e, kube::Error::Api(s) if (400..500).contains(&s.code))
 }
 
 /// Reads a claim; `None` when it does not exist.
@@ -181,6 +210,25 @@ pub async fn delete_claim(
         Api::<IPClaim>::namespaced(client.clone(), namespace),
         name,
         uid,
+        None,
+    )
+    .await
+}
+
+/// Deletes a claim only if it is still the version that was read (uid and resourceVersion):
+/// a claim reused or changed since the decision is left alone (409).
+pub async fn delete_claim_version(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    uid: Option<&str>,
+    resource_version: Option<&str>,
+) -> Result<Deleted, kube::Error> {
+    delete(
+        Api::<IPClaim>::namespaced(client.clone(), namespace),
+        name,
+        uid,
+        resource_version,
     )
     .await
 }
@@ -196,18 +244,41 @@ pub async fn delete_address(
         Api::<IPAddress>::namespaced(client.clone(), namespace),
         name,
         uid,
+        None,
     )
     .await
 }
 
-async fn delete<K>(api: Api<K>, name: &str, uid: Option<&str>) -> Result<Deleted, kube::Error>
+/// Deletes an address only if it is still the version that was read.
+pub async fn delete_address_version(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    uid: Option<&str>,
+    resource_version: Option<&str>,
+) -> Result<Deleted, kube::Error> {
+    delete(
+        Api::<IPAddress>::namespaced(client.clone(), namespace),
+        name,
+        uid,
+        resource_version,
+    )
+    .await
+}
+
+async fn delete<K>(
+    api: Api<K>,
+    name: &str,
+    uid: Option<&str>,
+    resource_version: Option<&str>,
+) -> Result<Deleted, kube::Error>
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
     let params = DeleteParams {
-        preconditions: uid.map(|uid| Preconditions {
-            uid: Some(uid.into()),
-            resource_version: None,
+        preconditions: (uid.is_some() || resource_version.is_some()).then(|| Preconditions {
+            uid: uid.map(Into::into),
+            resource_version: resource_version.map(Into::into),
         }),
         ..Default::default()
     };

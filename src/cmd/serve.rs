@@ -23,8 +23,11 @@ use crate::metrics::Metrics;
 use crate::webhook::server::{AppState, admin_router, webhook_router};
 use crate::webhook::tls::ReloadingCert;
 
-/// The shortest `--claim-grace` accepted: above the longest webhook timeout (30 s).
+/// The shortest `--claim-grace` accepted whatever the apiserver's request timeout.
 pub const MIN_CLAIM_GRACE: Duration = Duration::from_secs(30);
+/// How much longer than the apiserver's request timeout `--claim-grace` must be: a write
+/// already sent to etcd when the request times out may still land.
+pub const GRACE_MARGIN: Duration = Duration::from_secs(10);
 
 /// Everything [`start`] needs.
 #[derive(Debug, Clone)]
@@ -86,6 +89,7 @@ pub async fn start(client: Client, options: Options) -> anyhow::Result<Running> 
         metrics: metrics.clone(),
         events,
         activity: Default::default(),
+        claim_grace,
     };
     let state = AppState {
         assigner: assigner.clone(),
@@ -240,17 +244,21 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         default_pool_namespace,
         resync,
         claim_grace,
+        apiserver_request_timeout,
         cert_reload,
         drain,
         shutdown_delay,
         log_format,
     } = args;
     init_logging(log_format);
-    if claim_grace < MIN_CLAIM_GRACE {
+    let floor = MIN_CLAIM_GRACE.max(apiserver_request_timeout + GRACE_MARGIN);
+    if claim_grace < floor {
         anyhow::bail!(
-            "--claim-grace {} is too short: it must exceed the longest time a create can take (the webhook timeout plus the rest of admission); use at least {}",
+            "--claim-grace {} is too short: it must exceed the longest time a create can stay in admission (--apiserver-request-timeout {} plus {} of margin); use at least {}",
             humantime::format_duration(claim_grace),
-            humantime::format_duration(MIN_CLAIM_GRACE)
+            humantime::format_duration(apiserver_request_timeout),
+            humantime::format_duration(GRACE_MARGIN),
+            humantime::format_duration(floor)
         );
     }
     let client = Client::try_default()

@@ -63,6 +63,9 @@ pub struct PoolState {
     known: HashSet<u32>,
     /// Addresses handed out by [`PoolState::reserve`] and not yet committed or given back.
     reserved: HashSet<u32>,
+    /// Addresses that a live machine's device carries in `ipAddrs`, with or without an
+    /// IPAddress object: never offered (a pool re-created empty, a claim lost by hand).
+    carried: HashSet<u32>,
     /// Allocatable addresses neither known nor reserved, as slot keys.
     free: IntervalSet,
 }
@@ -75,13 +78,19 @@ impl PoolState {
             pool,
             known: known.into_iter().map(u32::from).collect(),
             reserved: HashSet::new(),
+            carried: HashSet::new(),
         };
         state.remove_taken_from_free();
         state
     }
 
     fn remove_taken_from_free(&mut self) {
-        for &raw in self.known.iter().chain(self.reserved.iter()) {
+        for &raw in self
+            .known
+            .iter()
+            .chain(self.reserved.iter())
+            .chain(self.carried.iter())
+        {
             if let Some(slot) = self.pool.slot(Ipv4Addr::from(raw)) {
                 self.free.remove(slot);
             }
@@ -109,6 +118,21 @@ impl PoolState {
         }
     }
 
+    /// Whether a live machine carries this address: a carried address is never offered, even
+    /// without an IPAddress object. Idempotent.
+    pub fn observe_carried(&mut self, ip: Ipv4Addr, carried: bool) {
+        let raw = u32::from(ip);
+        if carried {
+            // Only addresses of this pool's address space are kept.
+            if let Some(slot) = self.pool.slot(ip) {
+                self.carried.insert(raw);
+                self.free.remove(slot);
+            }
+        } else if self.carried.remove(&raw) {
+            self.free_if_unused(ip);
+        }
+    }
+
     /// The IPAddress with this address was deleted: free again unless reserved here or not
     /// allocatable. Idempotent.
     pub fn observe_released(&mut self, ip: Ipv4Addr) {
@@ -118,7 +142,8 @@ impl PoolState {
 
     fn free_if_unused(&mut self, ip: Ipv4Addr) {
         let raw = u32::from(ip);
-        if self.known.contains(&raw) || self.reserved.contains(&raw) {
+        if self.known.contains(&raw) || self.reserved.contains(&raw) || self.carried.contains(&raw)
+        {
             return;
         }
         if let Some(slot) = self.pool.slot(ip)

@@ -1,16 +1,18 @@
-//! The background loops (one file each), run by every replica without leader election (every write is
-//! idempotent or guarded by a precondition):
-//! - release: a machine being deleted whose VM is gone (CAPE's finalizer removed) gets its
-//!   claims and addresses deleted, then our finalizer removed; retried with backoff;
-//! - reconcile: a machine that needs an address but was admitted without us (webhook down
+//! The background loops, one file each, run by every replica without leader election (every
+//! write is idempotent or guarded by a precondition):
+//! - [`release`]: a machine being deleted whose VM is gone (CAPE's finalizer removed) gets
+//!   its claims and addresses deleted, then our finalizer removed; retried with backoff;
+//! - [`reconcile`]: a machine that needs an address but was admitted without us (webhook down
 //!   with `failurePolicy: Ignore`, created before installation, network changed later) is
 //!   allocated by the same code as admission and patched with an optimistic lock;
-//! - adopt: claims of existing machines record the machine's uid and our labels;
-//! - sweep: claims whose machine never came to exist are released after a grace period, and
-//!   claims of devices that were removed are released;
-//! - pool status: `IPPool.status.indexes` is kept equal to the addresses, in batches.
+//! - [`adopt`]: the Go controller's claims of existing machines get our owner annotations;
+//! - [`sweep`]: claims and addresses that no live machine carries or needs are released
+//!   (the address a device carries is the truth, never the index in a claim's name);
+//! - [`pool_guard`]: pools holding our addresses carry our finalizer;
+//! - [`pool_status`]: `IPPool.status.indexes` is kept equal to the addresses, in batches.
 
 mod adopt;
+mod pool_guard;
 mod pool_status;
 mod reconcile;
 mod release;
@@ -21,11 +23,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::reflector::{self};
-use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, ResourceExt};
 
 use crate::assign::Assigner;
 use crate::cluster::claims::ClaimInfo;
@@ -87,18 +86,12 @@ impl Lifecycle {
 
     /// Runs every loop until the task is dropped.
     pub async fn run(self) {
-        let api: Api<ElfMachine> = Api::all(self.assigner.client.clone());
-        // Our own reflector (not Controller::new) to drop managedFields, the bulk of a
-        // machine written by several managers, before it is stored.
-        let (machines, writer) = reflector::store();
-        let trigger = watcher(api, watcher::Config::default().any_semantic())
-            .default_backoff()
-            .modify(|m: &mut ElfMachine| m.metadata.managed_fields = None)
-            .reflect(writer)
-            .applied_objects();
+        // The machine cache is shared with admission (the addresses machines carry).
+        self.assigner.caches.wait_ready().await;
+        let machines = self.assigner.caches.machines.clone();
+        let trigger = self.assigner.caches.subscribe_machines();
         let controller = Controller::for_stream(trigger, machines.clone());
         let this = Arc::new(self);
-        this.assigner.caches.wait_ready().await;
         let periodic = {
             let this = this.clone();
             let machines = machines.clone();
@@ -119,6 +112,7 @@ impl Lifecycle {
                         .observe(cached.iter().map(|m| &**m));
                     this.sweep_claims(&machines).await;
                     this.sweep_addresses().await;
+                    this.guard_pools().await;
                     this.update_pool_status().await;
                 }
             }
@@ -172,11 +166,12 @@ impl Lifecycle {
     fn claims_of(&self, namespace: &str, name: &str, devices: usize) -> Vec<Arc<ClaimInfo>> {
         let key = machine_key(namespace, name);
         let claims = &self.assigner.caches.claims;
-        let mut found = Vec::new();
+        // Ours, by the machine they name (any claim name), then the Go controller's by name.
+        let mut found = claims.of_machine(&key);
         for claim_ns in self.claim_namespaces(namespace) {
             for device in 0..devices.max(1) + 8 {
                 if let Some(c) = claims.get(&claim_ns, &claim_name(namespace, name, device))
-                    && c.machine.as_deref().is_none_or(|owner| owner == key)
+                    && c.machine.is_none()
                 {
                     found.push(c);
                 }
@@ -213,13 +208,6 @@ impl Lifecycle {
             }
             tokio::time::sleep(QUIET / 4).await;
         }
-    }
-
-    /// Whether a claim was created longer than `--claim-grace` ago.
-    fn older_than_grace(&self, created: Option<Timestamp>) -> bool {
-        created
-            .map(|t| Timestamp::now().duration_since(t).as_secs_f64())
-            .is_some_and(|age| age > self.options.claim_grace.as_secs_f64())
     }
 }
 

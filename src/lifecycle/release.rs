@@ -1,5 +1,12 @@
 //! Release: a machine being deleted whose VM is gone gives back its claims and addresses,
 //! then loses our finalizer.
+//!
+//! Cheap on the apiserver: one read of the machine (its uid and finalizers, live), then the
+//! claims and addresses the caches know for it are deleted with uid preconditions (no read
+//! each), then our finalizer goes. An object the caches did not show yet is released by the
+//! sweep once no live machine carries its address.
+
+use std::net::Ipv4Addr;
 
 use json_patch::{Patch, PatchOperation, RemoveOperation, TestOperation};
 use kube::api::{Patch as KubePatch, PatchParams};
@@ -8,6 +15,7 @@ use kube::{Api, ResourceExt};
 use serde_json::json;
 
 use super::{Lifecycle, LifecycleError, api};
+use crate::cluster::claims::ClaimInfo;
 use crate::cluster::crd::{ElfMachine, IPAddress, IPClaim};
 use crate::cluster::writer;
 use crate::contract::*;
@@ -16,11 +24,60 @@ use crate::ipam::pool::address_name;
 use crate::ipam::select::PoolKey;
 use crate::metrics::PoolLabels;
 
+/// A claim to release, as read live or as the cache knows it.
+#[derive(Debug, Clone)]
+pub(super) struct ClaimToRelease {
+    namespace: String,
+    name: String,
+    uid: Option<String>,
+    /// Deleted only at this version when known (a claim read live).
+    resource_version: Option<String>,
+    pool: String,
+    /// `status.address.name`.
+    address: Option<String>,
+    /// The address it was made for (metal3's requested-IP annotation).
+    requested: Option<Ipv4Addr>,
+}
+
+impl ClaimToRelease {
+    pub(super) fn of_live(c: &IPClaim) -> Self {
+        ClaimToRelease {
+            namespace: c.namespace().unwrap_or_default(),
+            name: c.name_any(),
+            uid: c.uid(),
+            resource_version: c.resource_version(),
+            pool: c.spec.pool.name.clone().unwrap_or_default(),
+            address: c
+                .status
+                .as_ref()
+                .and_then(|s| s.address.as_ref())
+                .and_then(|a| a.name.clone()),
+            requested: c
+                .annotations()
+                .get(METAL3_REQUESTED_IP)
+                .and_then(|ip| ip.parse().ok()),
+        }
+    }
+
+    fn of_cache(c: &ClaimInfo) -> Self {
+        ClaimToRelease {
+            namespace: c.namespace.to_string(),
+            name: c.name.to_string(),
+            uid: c.uid.as_deref().map(Into::into),
+            resource_version: None,
+            pool: c.pool.as_deref().unwrap_or_default().into(),
+            address: c.address.as_deref().map(Into::into),
+            requested: c.requested,
+        }
+    }
+}
+
 impl Lifecycle {
     /// Deletes a machine's claims and addresses, then removes our finalizer.
     pub(super) async fn release_machine(&self, cached: &ElfMachine) -> Result<(), LifecycleError> {
         let ns = cached.namespace().unwrap_or_default();
         let name = cached.name_any();
+        let key = machine_key(&ns, &name);
         // Decide on the live object: the cache may still show a machine that another
         // replica released, while a new machine of the same name already holds claims.
         let live = Api::<ElfMachine>::namespaced(self.assigner.client.clone(), &ns)
@@ -39,83 +96,59 @@ impl Lifecycle {
             return Ok(());
         }
         let uid = machine.uid().unwrap_or_default();
-        // A claim of this machine is bound to its uid, or (not adopted yet) was made before
-        // the machine was deleted; a later machine of the same name makes its claims after.
-        let owned = |c: &IPClaim| match c.annotations().get(ANNOTATION_MACHINE_UID) {
-            Some(bound) => *bound == uid,
-            None => c.creation_timestamp().is_none_or(|t| t.0 <= deleted_at.0),
+        // A claim of this machine is bound to its uid, or was made before the machine was
+        // deleted: while the machine exists no newer machine of the name can exist, and the
+        // claims of a create of that name refused meanwhile (the name was taken) are younger.
+        let owned = |c: &ClaimInfo| match c.machine_uid.as_deref() {
+            Some(bound) => bound == uid,
+            None => c.created.is_none_or(|t| t <= deleted_at.0),
         };
         let devices = machine.spec.network.devices.len();
-        // Candidates by name: what the cache knows, and for devices it knows nothing of, the
-        // claim name in every namespace that has a pool (the cache may lag behind a claim
-        // written an instant ago). Each is then decided on its live object.
-        let mut candidates: Vec<(String, String)> = self
-            .claims_of(&ns, &name, devices)
-            .iter()
-            .map(|c| (c.namespace.to_string(), c.name.to_string()))
-            .collect();
-        for i in 0..devices {
-            let claim = claim_name(&ns, &name, i);
-            if candidates.iter().any(|(_, n)| *n == claim) {
+        let mut released = 0;
+        for c in self.claims_of(&ns, &name, devices) {
+            if c.deleting || !owned(&c) {
                 continue;
             }
-            for pool_ns in self.claim_namespaces(&ns) {
-                candidates.push((pool_ns, claim.clone()));
-            }
+            self.release_claim(&ClaimToRelease::of_cache(&c), Some(&key))
+                .await?;
+            released += 1;
         }
-        let mut released = 0;
-        for (claim_ns, claim) in &candidates {
-            let live = writer::get_claim(&self.assigner.client, claim_ns, claim)
-                .await
-                .map_err(api(format!("reading IPClaim {claim_ns}/{claim}")))?;
-            if let Some(c) = live
-                && c.annotations()
-                    .get(ANNOTATION_MACHINE)
-                    .is_none_or(|o| *o == machine_key(&ns, &name))
-                && owned(&c)
-            {
-                // The claim was read while this machine still existed only if the machine
-                // exists now: then no newer machine of the same name can have made it.
-                if !self.still_releasing(&ns, &name, &uid).await? {
-                    return Ok(());
-                }
-                self.release_claim(&c).await?;
-                released += 1;
-            }
-        }
-        // Addresses whose claim is already gone (an earlier pass, or another replica, deleted
-        // the claim and then failed): found by the claim name they record.
+        // Addresses whose claim is already gone (an earlier pass, or another replica,
+        // deleted the claim and then failed): found by the claim name they record.
         for i in 0..devices {
             let claim = claim_name(&ns, &name, i);
             for pool_ns in self.claim_namespaces(&ns) {
+                if self.assigner.caches.claims.get(&pool_ns, &claim).is_some() {
+                    continue;
+                }
                 for a in self
                     .assigner
                     .caches
                     .index
                     .addresses_of_claim(&pool_ns, &claim)
                 {
-                    let live = writer::get_address(&self.assigner.client, &a.namespace, &a.name)
-                        .await
-                        .map_err(api(format!("reading IPAddress {}/{}", a.namespace, a.name)))?;
-                    if let Some(live) = live
-                        && live.spec.claim.name.as_deref() == Some(claim.as_str())
-                        && writer::get_claim(&self.assigner.client, &pool_ns, &claim)
-                            .await
-                            .map_err(api(format!("reading IPClaim {pool_ns}/{claim}")))?
-                            .is_none()
-                        && self.still_releasing(&ns, &name, &uid).await?
+                    if a.deleting
+                        || a.created.is_some_and(|t| t > deleted_at.0)
+                        || self.carried_by_others(a.address, Some(&key))
                     {
-                        writer::delete_address(
-                            &self.assigner.client,
-                            &a.namespace,
-                            &a.name,
-                            live.uid().as_deref(),
-                        )
-                        .await
-                        .map_err(api(format!(
-                            "deleting IPAddress {}/{}",
-                            a.namespace, a.name
-                        )))?;
+                        continue;
+                    }
+                    match writer::delete_address(
+                        &self.assigner.client,
+                        &a.namespace,
+                        &a.name,
+                        a.uid.as_deref(),
+                    )
+                    .await
+                    {
+                        Ok(_) => {}
+                        Err(kube::Error::Api(s)) if s.code == 409 => {}
+                        Err(e) => {
+                            return Err(api(format!(
+                                "deleting IPAddress {}/{}",
+                                a.namespace, a.name
+                            ))(e));
+                        }
                     }
                 }
             }
@@ -130,109 +163,111 @@ impl Lifecycle {
                 "{released} IPClaim(s) released; finalizer {STATIC_IP_FINALIZER} removed"
             ),
         });
-        tracing::info!(machine = %machine_key(&ns, &name), claims = released, "released");
+        tracing::info!(machine = %key, claims = released, "released");
         Ok(())
     }
 
-    /// Whether the machine with this uid still exists (and is being deleted).
-    pub(super) async fn still_releasing(
-        &self,
-        ns: &str,
-        name: &str,
-        uid: &str,
-    ) -> Result<bool, LifecycleError> {
-        let live = Api::<ElfMachine>::namespaced(self.assigner.client.clone(), ns)
-            .get_opt(name)
-            .await
-            .map_err(api(format!("reading ElfMachine {ns}/{name}")))?;
-        Ok(live.is_some_and(|m| {
-            m.uid().as_deref() == Some(uid) && m.metadata.deletion_timestamp.is_some()
-        }))
-    }
-
-    /// Deletes one claim (as just read) and every address that names it.
-    pub(super) async fn release_claim(&self, live: &IPClaim) -> Result<(), LifecycleError> {
-        let claim = live;
-        let ns = claim.namespace().unwrap_or_default();
-        let name = claim.name_any();
-        let pool = claim.spec.pool.name.clone().unwrap_or_default();
-        let mut addresses: Vec<String> = self
-            .assigner
+    /// Whether a live machine other than `releasing` carries `ip`.
+    fn carried_by_others(&self, ip: Ipv4Addr, releasing: Option<&str>) -> bool {
+        self.assigner
             .caches
             .index
-            .addresses_of_claim(&ns, &name)
-            .into_iter()
-            .map(|a| a.name.to_string())
-            .collect();
-        // The caches may not show the address yet (a claim released an instant after it
-        // was made): read the claim live, and derive the address's name from the requested
-        // IP, so that no address outlives its claim until the grace period.
+            .carriers(ip)
+            .iter()
+            .any(|k| Some(k.as_str()) != releasing)
+    }
+
+    /// Deletes one claim and every address that names it: the claim first (at its uid, and
+    /// at its resourceVersion when it was read live), then the addresses found before it
+    /// went (at their uid).
+    ///
+    /// An address that a live machine other than `releasing` (the machine whose release
+    /// this is, if any) carries is kept: it stays locked, and the sweep lets it go once
+    /// nobody carries it.
+    pub(super) async fn release_claim(
+        &self,
+        claim: &ClaimToRelease,
+        releasing: Option<&str>,
+    ) -> Result<(), LifecycleError> {
+        let (ns, name, pool) = (&claim.namespace, &claim.name, &claim.pool);
         let client = &self.assigner.client;
-        if let Some(a) = live
-            .status
-            .as_ref()
-            .and_then(|s| s.address.as_ref())
-            .and_then(|a| a.name.clone())
-            && !addresses.contains(&a)
-        {
-            addresses.push(a);
-        }
-        let derived = live
-            .annotations()
-            .get(METAL3_REQUESTED_IP)
-            .and_then(|ip| ip.parse::<std::net::Ipv4Addr>().ok())
-            .and_then(|ip| {
-                let key = PoolKey {
-                    namespace: ns.clone(),
-                    name: pool.clone(),
-                };
-                self.assigner
-                    .caches
-                    .index
-                    .with_pool(&key, |s| address_name(&s.pool().name_prefix, ip))
-                    .ok()
-            });
-        if let Some(derived) = derived
-            && !addresses.contains(&derived)
-            && let Some(a) = writer::get_address(client, &ns, &derived)
-                .await
-                .map_err(api(format!("reading IPAddress {ns}/{derived}")))?
-            && a.spec.claim.name.as_deref() == Some(name.as_str())
-        {
-            addresses.push(derived);
-        }
         // Read the addresses while the claim still exists, and delete only those objects
         // (by uid) after it: once the claim is gone its machine may be released and a new
         // machine of the same name may take the same address, under the same names.
-        let mut held: Vec<(String, Option<String>)> = Vec::new();
-        for address in addresses.iter() {
-            if let Some(a) = writer::get_address(client, &ns, address)
+        let mut held: Vec<(String, Option<String>, Ipv4Addr)> = self
+            .assigner
+            .caches
+            .index
+            .addresses_of_claim(ns, name)
+            .into_iter()
+            .filter(|a| !a.deleting)
+            .map(|a| {
+                (
+                    a.name.to_string(),
+                    a.uid.as_deref().map(Into::into),
+                    a.address,
+                )
+            })
+            .collect();
+        // The caches may not show the address yet (a claim released an instant after it
+        // was made): the one the claim points at, and the one named after the requested IP.
+        let derived = claim.requested.and_then(|ip| {
+            let key = PoolKey {
+                namespace: ns.clone(),
+                name: pool.clone(),
+            };
+            self.assigner
+                .caches
+                .index
+                .with_pool(&key, |s| address_name(&s.pool().name_prefix, ip))
+                .ok()
+        });
+        for extra in [claim.address.clone(), derived].into_iter().flatten() {
+            if held.iter().any(|(a, _, _)| *a == extra) {
+                continue;
+            }
+            if let Some(a) = writer::get_address(client, ns, &extra)
                 .await
-                .map_err(api(format!("reading IPAddress {ns}/{address}")))?
+                .map_err(api(format!("reading IPAddress {ns}/{extra}")))?
                 && a.spec.claim.name.as_deref() == Some(name.as_str())
+                && let Ok(ip) = a.spec.address.parse()
             {
-                held.push((address.clone(), a.uid()));
+                held.push((extra, a.uid(), ip));
             }
         }
-        let addresses: Vec<String> = held.iter().map(|(a, _)| a.clone()).collect();
+        held.retain(|(address, _, ip)| {
+            let carried = self.carried_by_others(*ip, releasing);
+            if carried {
+                tracing::warn!(address = %format!("{ns}/{address}"), claim = %name, "address kept: a live machine carries it");
+            }
+            !carried
+        });
+        let addresses: Vec<String> = held.iter().map(|(a, _, _)| a.clone()).collect();
         // The claim first: metal3's controller, when it runs, must not see a live claim
         // without an address (it would allocate a new one).
         tracing::debug!(claim = %format!("{ns}/{name}"), "releasing claim");
-        let claim_state =
-            match writer::delete_claim(client, &ns, &name, claim.uid().as_deref()).await {
-                Ok(state) => state,
-                // The precondition failed: the claim was replaced meanwhile; leave the new one
-                // and its address alone.
-                Err(kube::Error::Api(s)) if s.code == 409 => return Ok(()),
-                Err(e) => return Err(api(format!("deleting IPClaim {ns}/{name}"))(e)),
-            };
+        let claim_state = match writer::delete_claim_version(
+            client,
+            ns,
+            name,
+            claim.uid.as_deref(),
+            claim.resource_version.as_deref(),
+        )
+        .await
+        {
+            Ok(state) => state,
+            // The precondition failed: the claim was replaced or taken over meanwhile;
+            // leave it and its address alone.
+            Err(kube::Error::Api(s)) if s.code == 409 => return Ok(()),
+            Err(e) => return Err(api(format!("deleting IPClaim {ns}/{name}"))(e)),
+        };
         if claim_state == writer::Deleted::Missing {
             // Another replica released it, addresses included; what it may have left behind
-            // is found by the machine's release or the sweep, on live objects.
+            // is found by the machine's release or the sweep.
             return Ok(());
         }
-        for (address, uid) in &held {
-            let state = match writer::delete_address(client, &ns, address, uid.as_deref()).await {
+        for (address, uid, _) in &held {
+            let state = match writer::delete_address(client, ns, address, uid.as_deref()).await {
                 Ok(state) => state,
                 // Replaced since it was read: not this claim's any more.
                 Err(kube::Error::Api(s)) if s.code == 409 => continue,
@@ -242,7 +277,7 @@ impl Lifecycle {
                 continue;
             }
             writer::drop_finalizers(
-                &Api::<IPAddress>::namespaced(client.clone(), &ns),
+                &Api::<IPAddress>::namespaced(client.clone(), ns),
                 address,
                 &[METAL3_ADDRESS_FINALIZER],
             )
@@ -253,8 +288,8 @@ impl Lifecycle {
         }
         if claim_state == writer::Deleted::Finalizing {
             writer::drop_finalizers(
-                &Api::<IPClaim>::namespaced(client.clone(), &ns),
-                &name,
+                &Api::<IPClaim>::namespaced(client.clone(), ns),
+                name,
                 &[METAL3_CLAIM_FINALIZER],
             )
             .await
@@ -273,10 +308,10 @@ impl Lifecycle {
             .assigner
             .caches
             .pools
-            .get(&ObjectRef::new(&pool).within(&ns))
+            .get(&ObjectRef::new(pool).within(ns))
             .and_then(|p| p.uid());
         self.assigner.events.emit(Note {
-            regarding: events::pool_ref(&ns, &pool, uid),
+            regarding: events::pool_ref(ns, pool, uid),
             warning: false,
             reason: "Released",
             action: "Release",

@@ -1,176 +1,249 @@
-//! Sweep: claims whose machine never came to exist, and addresses whose claim is gone, are
-//! released after the grace period; claims of removed devices are released.
+//! Sweep: the claims and addresses that nothing needs any more are released.
+//!
+//! The address a device carries is the truth, never the index in a claim's name. A claim of
+//! ours is kept while any of these holds, and released (at the version read, so that a
+//! request taking it over meanwhile wins) only when none does:
+//! - this replica has seen it change within `--claim-grace` (a create may still be in
+//!   admission, or a request has just taken it over), judged on this replica's monotonic
+//!   clock from when it saw that version, never against the apiserver's timestamps;
+//! - a device of any live ElfMachine carries its address in `ipAddrs` (any network type);
+//! - its machine exists, is not being deleted, and has a device that still needs an address
+//!   (the device may take it back).
+//!
+//! An IPAddress of ours is released on the same terms when no claim points at it
+//! (`status.address`, or the requested-IP annotation of a claim being filled in): an
+//! interrupted request, or a create whose answer was lost and whose retry took another
+//! address. A claim left Terminating by metal3's finalizer with no metal3 controller to
+//! remove it is finished once it has been stuck for the grace period.
 
-use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
 use std::sync::Arc;
 
-use k8s_openapi::jiff::Timestamp;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, ResourceExt};
 
-use super::{Lifecycle, MAX_YIELD, api};
+use super::Lifecycle;
+use crate::assign::needs_address;
 use crate::cluster::claims::ClaimInfo;
 use crate::cluster::crd::ElfMachine;
+use crate::cluster::index::AddressInfo;
 use crate::cluster::writer;
-use crate::contract::*;
 
 impl Lifecycle {
-    /// Releases claims whose machine does not exist (after the grace period), claims bound to
-    /// an earlier machine of the same name, and claims of removed devices; binds the claims
-    /// of existing machines to their uid.
+    /// Releases every claim of ours that nothing needs (see the module comment).
     pub(super) async fn sweep_claims(&self, machines: &Store<ElfMachine>) {
-        // Claims first, machines second: a machine created after this read is seen below.
-        let claims = self.assigner.caches.claims.all();
-        let mut adopt: BTreeMap<(String, String), Vec<Arc<ClaimInfo>>> = BTreeMap::new();
-        for claim in claims {
+        let grace = self.options.claim_grace;
+        for claim in self.assigner.caches.claims.all() {
+            if claim.unchanged_for() <= grace {
+                continue;
+            }
+            if claim.deleting {
+                self.finish_terminating(&claim).await;
+                continue;
+            }
             let Some(owner) = claim.machine.as_deref() else {
                 continue;
             };
-            if claim.deleting {
+            let address = self.claim_address(&claim);
+            if address.is_some_and(|ip| !self.assigner.caches.index.carriers(ip).is_empty()) {
                 continue;
             }
             let Some((mns, mname)) = owner.split_once('/') else {
                 continue;
             };
-            let machine = machines.get(&ObjectRef::new(mname).within(mns));
-            let stale = match &machine {
-                None => self.older_than_grace(claim.created),
-                Some(m) => self.claim_is_stale(&claim, m),
-            };
-            if !stale {
-                if claim.machine_uid.is_none()
-                    && machine.is_some_and(|m| m.metadata.deletion_timestamp.is_none())
-                {
-                    adopt
-                        .entry((mns.to_string(), mname.to_string()))
-                        .or_default()
-                        .push(claim.clone());
-                }
+            if machines
+                .get(&ObjectRef::new(mname).within(mns))
+                .is_some_and(|m| wants_or_carries(&m, address))
+            {
                 continue;
             }
-            // Re-check with live reads before deleting anything.
-            let live = Api::<ElfMachine>::namespaced(self.assigner.client.clone(), mns)
-                .get_opt(mname)
-                .await;
-            let still_stale = match live {
-                Ok(None) => true,
-                Ok(Some(m)) => self.claim_is_stale(&claim, &m),
-                Err(e) => {
-                    tracing::warn!(error = %e, machine = %owner, "could not read machine; claim kept");
-                    false
-                }
-            };
-            if !still_stale {
-                continue;
-            }
-            let released =
-                match writer::get_claim(&self.assigner.client, &claim.namespace, &claim.name).await
-                {
-                    Ok(Some(live)) if live.uid().as_deref() == claim.uid.as_deref() => {
-                        self.release_claim(&live).await.map(|()| true)
-                    }
-                    Ok(_) => Ok(false),
-                    Err(e) => Err(api(format!(
-                        "reading IPClaim {}/{}",
-                        claim.namespace, claim.name
-                    ))(e)),
-                };
-            match released {
+            match self.release_if_unneeded(&claim, address, mns, mname).await {
                 Ok(true) => {
-                    tracing::info!(claim = %format!("{}/{}", claim.namespace, claim.name), machine = %owner, "released a claim whose machine is gone")
+                    tracing::info!(claim = %format!("{}/{}", claim.namespace, claim.name), machine = %owner, "released a claim no machine carries or needs")
                 }
                 Ok(false) => {}
                 Err(e) => tracing::warn!(error = %e, "could not release claim"),
             }
         }
-        // Binding can wait for the next pass when admission stays busy.
-        let deadline = tokio::time::Instant::now() + MAX_YIELD;
-        for ((ns, name), claims) in adopt {
-            if !self.quiet_by(deadline).await {
-                tracing::debug!("admission busy: binding claims to machines left to the next pass");
-                break;
-            }
-            let live = Api::<ElfMachine>::namespaced(self.assigner.client.clone(), &ns)
-                .get_opt(&name)
-                .await;
-            let result = match live {
-                Ok(Some(m)) if m.metadata.deletion_timestamp.is_none() => {
-                    self.adopt_claims(&m, &claims).await
+    }
+
+    /// The address a cached claim holds: the IPAddress it points at, else the one it was
+    /// made for.
+    fn claim_address(&self, claim: &ClaimInfo) -> Option<Ipv4Addr> {
+        let index = &self.assigner.caches.index;
+        claim
+            .address
+            .as_deref()
+            .and_then(|name| {
+                index
+                    .addresses_of_claim(&claim.namespace, &claim.name)
+                    .into_iter()
+                    .find(|a| *a.name == *name)
+                    .map(|a| a.address)
+            })
+            .or(claim.requested)
+    }
+
+    /// Confirms on live objects that nothing needs the claim, then releases it at the
+    /// version read. Returns whether it was released.
+    async fn release_if_unneeded(
+        &self,
+        claim: &ClaimInfo,
+        address: Option<Ipv4Addr>,
+        mns: &str,
+        mname: &str,
+    ) -> Result<bool, super::LifecycleError> {
+        let client = &self.assigner.client;
+        let live = writer::get_claim(client, &claim.namespace, &claim.name)
+            .await
+            .map_err(super::api(format!(
+                "reading IPClaim {}/{}",
+                claim.namespace, claim.name
+            )))?;
+        // Changed since the cache saw it (taken over, filled in): judged again later.
+        let Some(live) = live.filter(|c| {
+            c.uid().as_deref() == claim.uid.as_deref()
+                && c.resource_version().as_deref() == claim.resource_version.as_deref()
+        }) else {
+            return Ok(false);
+        };
+        let machine = Api::<ElfMachine>::namespaced(client.clone(), mns)
+            .get_opt(mname)
+            .await
+            .map_err(super::api(format!("reading ElfMachine {mns}/{mname}")))?;
+        if machine.is_some_and(|m| wants_or_carries(&m, address)) {
+            return Ok(false);
+        }
+        self.release_claim(&super::release::ClaimToRelease::of_live(&live), None)
+            .await?;
+        Ok(true)
+    }
+
+    /// A claim stuck Terminating for the grace period on finalizers that no running
+    /// controller removes (metal3's, when its controller is gone): its addresses that no
+    /// machine carries are released and the finalizers dropped, so its namespace can go.
+    async fn finish_terminating(&self, claim: &ClaimInfo) {
+        let client = &self.assigner.client;
+        match writer::get_claim(client, &claim.namespace, &claim.name).await {
+            Ok(Some(live))
+                if live.metadata.deletion_timestamp.is_some()
+                    && live.resource_version().as_deref() == claim.resource_version.as_deref() =>
+            {
+                if let Err(e) = self
+                    .release_claim(&super::release::ClaimToRelease::of_live(&live), None)
+                    .await
+                {
+                    tracing::warn!(error = %e, claim = %format!("{}/{}", claim.namespace, claim.name), "could not finish a terminating claim");
+                } else {
+                    tracing::info!(claim = %format!("{}/{}", claim.namespace, claim.name), "finished a claim stuck terminating");
                 }
-                Ok(_) => Ok(()),
-                Err(e) => Err(api(format!("reading ElfMachine {ns}/{name}"))(e)),
-            };
-            if let Err(e) = result {
-                tracing::warn!(error = %e, machine = %machine_key(&ns, &name), "could not bind claims to the machine");
             }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "could not read a terminating claim"),
         }
     }
 
-    /// Deletes our IPAddresses whose claim does not exist (an interrupted request), once
-    /// older than the grace period and confirmed by a live read.
+    /// Deletes our IPAddresses that no claim points at and no machine carries, once this
+    /// replica has seen them unchanged for the grace period and a live read confirms it.
     pub(super) async fn sweep_addresses(&self) {
-        let now = Timestamp::now();
-        for address in self.assigner.caches.index.addresses() {
-            if !address.ours || address.deleting {
+        let grace = self.options.claim_grace;
+        let index = &self.assigner.caches.index;
+        for address in index.addresses() {
+            if !address.ours || address.deleting || address.since.elapsed() <= grace {
+                continue;
+            }
+            if !index.carriers(address.address).is_empty() || self.claimed(&address) {
                 continue;
             }
             let (ns, name) = (&*address.namespace, &*address.name);
-            let (claim_ns, claim) = (&*address.claim_namespace, &*address.claim);
-            if claim.is_empty() || self.assigner.caches.claims.get(claim_ns, claim).is_some() {
-                continue;
-            }
-            let age = address
-                .created
-                .map(|t| now.duration_since(t).as_secs_f64())
-                .unwrap_or(0.0);
-            if age <= self.options.claim_grace.as_secs_f64() {
-                continue;
-            }
-            match writer::get_claim(&self.assigner.client, claim_ns, claim).await {
-                Ok(None) => {
-                    match writer::delete_address(
-                        &self.assigner.client,
-                        ns,
-                        name,
-                        address.uid.as_deref(),
-                    )
-                    .await
-                    {
-                        Ok(_) => {
-                            tracing::info!(address = %format!("{ns}/{name}"), claim = %claim, "released an address whose claim is gone")
-                        }
-                        Err(e) => tracing::warn!(error = %e, "could not release address"),
-                    }
+            match self.release_address_if_unclaimed(&address).await {
+                Ok(true) => {
+                    tracing::info!(address = %format!("{ns}/{name}"), claim = %address.claim, "released an address no claim points at")
                 }
-                Ok(Some(_)) => {}
-                Err(e) => tracing::warn!(error = %e, "could not read claim; address kept"),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, address = %format!("{ns}/{name}"), "could not release address")
+                }
             }
         }
     }
 
-    /// Whether an existing machine no longer owns this claim: bound to another uid, or its
-    /// device was removed or no longer takes a static address.
-    pub(super) fn claim_is_stale(&self, claim: &ClaimInfo, machine: &ElfMachine) -> bool {
-        if let (Some(bound), Some(uid)) = (claim.machine_uid.as_deref(), machine.uid())
-            && *bound != uid
-        {
-            return true;
-        }
-        // A claim younger than the grace period may belong to an UPDATE still in flight (a
-        // hot-added NIC is claimed before the machine with that NIC is stored).
-        if !self.older_than_grace(claim.created) {
-            return false;
-        }
-        let Some(device) = claim
-            .device
-            .as_deref()
-            .and_then(|d| d.parse::<usize>().ok())
-        else {
-            return false;
+    /// Whether the claim an address names points at it (or is being filled in with it), by
+    /// the claim cache; a claim changed within the grace counts as pointing: it may be in
+    /// the middle of a request.
+    fn claimed(&self, address: &AddressInfo) -> bool {
+        let grace = self.options.claim_grace;
+        self.assigner
+            .caches
+            .claims
+            .get(&address.claim_namespace, &address.claim)
+            .is_some_and(|c| {
+                c.address.as_deref() == Some(&*address.name)
+                    || (c.address.is_none() && c.requested == Some(address.address))
+                    || c.unchanged_for() <= grace
+            })
+    }
+
+    /// Live re-check of an address before deleting it at the version read.
+    async fn release_address_if_unclaimed(
+        &self,
+        address: &Arc<AddressInfo>,
+    ) -> Result<bool, kube::Error> {
+        let client = &self.assigner.client;
+        let (ns, name) = (&*address.namespace, &*address.name);
+        let Some(live) = writer::get_address(client, ns, name).await? else {
+            return Ok(false);
         };
-        match machine.spec.network.devices.get(device) {
-            None => machine.metadata.deletion_timestamp.is_none(),
-            Some(d) => d.network_type != NETWORK_TYPE_STATIC,
+        if live.uid().as_deref() != address.uid.as_deref() {
+            return Ok(false);
+        }
+        let claim_name = live.spec.claim.name.clone().unwrap_or_default();
+        if !claim_name.is_empty()
+            && let Some(claim) =
+                writer::get_claim(client, &address.claim_namespace, &claim_name).await?
+        {
+            let points = claim
+                .status
+                .as_ref()
+                .and_then(|s| s.address.as_ref())
+                .and_then(|a| a.name.as_deref())
+                == Some(name);
+            let filling = claim
+                .status
+                .as_ref()
+                .and_then(|s| s.address.as_ref())
+                .is_none()
+                && claim
+                    .annotations()
+                    .get(crate::contract::METAL3_REQUESTED_IP)
+                    .is_some_and(|ip| *ip == address.address.to_string());
+            if points || filling {
+                return Ok(false);
+            }
+        }
+        match writer::delete_address_version(
+            client,
+            ns,
+            name,
+            live.uid().as_deref(),
+            live.resource_version().as_deref(),
+        )
+        .await
+        {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+            Err(e) => Err(e),
         }
     }
+}
+
+/// Whether a machine carries `address` on any device, or (alive) still has a device that
+/// needs an address and may take the claim back.
+fn wants_or_carries(machine: &ElfMachine, address: Option<Ipv4Addr>) -> bool {
+    let devices = &machine.spec.network.devices;
+    let carries = address.is_some_and(|ip| {
+        let text = ip.to_string();
+        devices.iter().any(|d| d.ip_addrs.contains(&text))
+    });
+    carries || (machine.metadata.deletion_timestamp.is_none() && devices.iter().any(needs_address))
 }

@@ -42,8 +42,20 @@ pub async fn review(
         patched = tracing::field::Empty,
     );
     // The span is attached to the future (not entered across awaits), so that concurrent
-    // reviews never log under each other's span.
-    let decision = decide(assigner, &request).instrument(span.clone()).await;
+    // reviews never log under each other's span. The decision runs on its own task: when
+    // the apiserver gives up on the call (its timeout) and the connection goes, the request
+    // future is dropped, but a half-done assignment still finishes or gives back what it
+    // wrote, and no address stays reserved in memory for a request nobody waits for.
+    let decision = {
+        let assigner = assigner.clone();
+        let request = request.clone();
+        tokio::spawn(async move { decide(&assigner, &request).await }.instrument(span.clone()))
+            .await
+            .unwrap_or_else(|e| Decision::Deny {
+                code: 500,
+                message: format!("cape-static-ip failed while reviewing this request ({e}); retry"),
+            })
+    };
     span.record("allowed", !matches!(decision, Decision::Deny { .. }));
     span.record("patched", matches!(decision, Decision::Patch(_)));
     span.in_scope(|| match &decision {
