@@ -401,7 +401,7 @@ async fn reviews_beyond_the_in_flight_cap_are_denied_at_once_with_a_clear_messag
 }
 
 #[tokio::test]
-async fn connections_beyond_the_cap_are_closed_at_once() {
+async fn connections_beyond_the_cap_are_closed_at_once_and_idle_ones_make_room() {
     const CAP: usize = 10;
     let (running, ca_pem, dir) = unsynced_webhook(Limits {
         max_connections: CAP,
@@ -410,13 +410,17 @@ async fn connections_beyond_the_cap_are_closed_at_once() {
     })
     .await;
     let addr = running.webhook_addr;
+    let tls = TlsConnector::from(Arc::new(tls_client(&ca_pem, &[b"http/1.1"])));
+    // CAP - 1 clients that never say hello, and one idle keep-alive connection after a request.
     let mut held = Vec::new();
-    for _ in 0..CAP {
+    for _ in 0..CAP - 1 {
         held.push(TcpStream::connect(addr).await.unwrap());
     }
-    // Let the server accept them all.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let mut idle = tls.connect(ServerName::from(addr.ip()), tcp).await.unwrap();
+    one_request(&mut idle).await;
 
+    // One more: closed at once, and the idle connection is closed to make room.
     let mut extra = TcpStream::connect(addr).await.unwrap();
     let start = Instant::now();
     let read = tokio::time::timeout(Duration::from_secs(30), extra.read(&mut [0u8; 16]))
@@ -424,17 +428,19 @@ async fn connections_beyond_the_cap_are_closed_at_once() {
         .expect("the connection beyond the cap is closed");
     assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
     println!("beyond the cap: closed in {:.1?}", start.elapsed());
+    let read = tokio::time::timeout(Duration::from_secs(30), idle.read(&mut [0u8; 16]))
+        .await
+        .expect("the idle connection is closed");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
     for h in &held {
         let mut buf = [0u8; 1];
         assert!(
             matches!(h.try_read(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
-            "the connections within the cap stay open"
+            "the connections within the cap that are not idle stay open"
         );
     }
 
-    // One of them goes: a new client is served again.
-    drop(held.pop());
-    let tls = TlsConnector::from(Arc::new(tls_client(&ca_pem, &[b"http/1.1"])));
+    // A new client is served in the room made.
     let start = Instant::now();
     loop {
         let tcp = TcpStream::connect(addr).await.unwrap();
@@ -443,11 +449,86 @@ async fn connections_beyond_the_cap_are_closed_at_once() {
         }
         assert!(
             start.elapsed() < Duration::from_secs(30),
-            "no room after a connection closed"
+            "no room after the idle connection closed"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     drop(held);
+    running.shutdown().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Sends a request on `stream` and reads its whole (empty-bodied) answer.
+async fn one_request<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) {
+    stream
+        .write_all(b"GET /nothing HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+        let mut buf = [0u8; 1024];
+        let n = stream.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed before answering");
+        answer.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[tokio::test]
+async fn an_idle_connection_lasts_the_idle_timeout_and_a_later_head_its_own_deadline() {
+    const HEAD: Duration = Duration::from_secs(2);
+    const IDLE: Duration = Duration::from_secs(6);
+    const SLACK: Duration = Duration::from_secs(10);
+    let (running, ca_pem, dir) = unsynced_webhook(Limits {
+        request_header_timeout: HEAD,
+        idle_timeout: IDLE,
+        ..Limits::default()
+    })
+    .await;
+    let addr = running.webhook_addr;
+    let tls = TlsConnector::from(Arc::new(tls_client(&ca_pem, &[b"http/1.1"])));
+    let connect = || async {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        tls.connect(ServerName::from(addr.ip()), tcp).await.unwrap()
+    };
+
+    // Idle after a request: held for the idle timeout, longer than the head deadline.
+    let mut idle = connect().await;
+    one_request(&mut idle).await;
+    let idle = tokio::spawn(hold(Kind::Silent, idle, Instant::now(), false));
+
+    // A second request that starts after a pause and trickles: cut by the head deadline,
+    // counted from its first byte.
+    let mut late = connect().await;
+    one_request(&mut late).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    late.write_all(b"POST /mutate-elfmachine HTTP/1.1\r\nX-Pad: ")
+        .await
+        .unwrap();
+    let late = tokio::spawn(hold(Kind::HalfHead, late, Instant::now(), true));
+
+    let late = late.await.unwrap();
+    let idle = idle.await.unwrap();
+    println!(
+        "idle connection closed after {:.2?} (idle timeout {IDLE:?}); later head cut after {:.2?} (deadline {HEAD:?})",
+        idle.lasted, late.lasted
+    );
+    assert!(
+        idle.lasted + Duration::from_millis(500) >= IDLE,
+        "{:?}",
+        idle.lasted
+    );
+    assert!(
+        idle.lasted <= IDLE + CLOSE_GRACE + SLACK,
+        "{:?}",
+        idle.lasted
+    );
+    assert!(
+        late.lasted + Duration::from_millis(500) >= HEAD,
+        "{:?}",
+        late.lasted
+    );
+    assert!(late.lasted <= HEAD + SLACK, "{:?}", late.lasted);
+    assert!(late.received.is_empty() && idle.received.is_empty());
     running.shutdown().await;
     let _ = std::fs::remove_dir_all(dir);
 }

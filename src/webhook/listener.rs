@@ -14,8 +14,8 @@
 //!
 //! A connection late with its request head is dropped; an idle one is shut down gracefully
 //! (HTTP/2: GOAWAY) and dropped [`CLOSE_GRACE`] later at most. Beyond `--max-connections` open
-//! connections a new one is closed as soon as it is accepted. HTTP/2 streams and header lists
-//! are capped too.
+//! connections a new one is closed as soon as it is accepted, and every idle connection is
+//! closed to make room. HTTP/2 streams and header lists are capped too.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -154,6 +154,7 @@ struct Accept {
 impl Accept {
     async fn run(self, mut stop: watch::Receiver<Option<Duration>>) {
         let slots = Arc::new(Semaphore::new(self.limits.max_connections));
+        let pressure = Arc::new(Notify::new());
         let mut connections = JoinSet::new();
         let mut refused: u64 = 0;
         let mut warned: Option<Instant> = None;
@@ -179,6 +180,9 @@ impl Accept {
                             warned = Some(Instant::now());
                         }
                         drop(tcp);
+                        // Make room for the next one: idle connections are the cheapest to
+                        // lose (their clients reconnect).
+                        pressure.notify_waiters();
                         continue;
                     };
                     let _ = tcp.set_nodelay(true);
@@ -186,6 +190,7 @@ impl Accept {
                         tls: self.tls.clone(),
                         router: self.router.clone(),
                         limits: self.limits.clone(),
+                        pressure: pressure.clone(),
                     };
                     let stop = stop.clone();
                     connections.spawn(async move {
@@ -220,6 +225,8 @@ struct Connection {
     tls: Option<TlsAcceptor>,
     router: Router,
     limits: Arc<Limits>,
+    /// Notified when a connection was refused for the cap: idle ones close.
+    pressure: Arc<Notify>,
 }
 
 impl Connection {
@@ -257,6 +264,7 @@ impl Connection {
         let dog = Arc::new(Watchdog::new(
             limits.request_header_timeout,
             limits.idle_timeout,
+            self.pressure.clone(),
         ));
         // Over HTTP/1.1 any byte while idle starts a request head; over HTTP/2 it may be a
         // PING or a window update.
@@ -349,6 +357,8 @@ impl Late {
 struct Watchdog {
     state: Mutex<Phase>,
     changed: Notify,
+    /// See [`Connection::pressure`].
+    pressure: Arc<Notify>,
     head: Duration,
     idle: Duration,
 }
@@ -381,10 +391,11 @@ impl Drop for Busy {
 
 impl Watchdog {
     /// A connection just established: its first request head is due.
-    fn new(head: Duration, idle: Duration) -> Self {
+    fn new(head: Duration, idle: Duration, pressure: Arc<Notify>) -> Self {
         Watchdog {
             state: Mutex::new(Phase::Head(Instant::now() + head)),
             changed: Notify::new(),
+            pressure,
             head,
             idle,
         }
@@ -427,10 +438,11 @@ impl Watchdog {
             };
             match deadline {
                 Some((t, late)) if t <= Instant::now() => return late,
-                Some((t, _)) => {
+                Some((t, late)) => {
                     tokio::select! {
                         _ = tokio::time::sleep_until(t) => {}
                         _ = changed => {}
+                        _ = self.pressure.notified(), if late == Late::Idle => return late,
                     }
                 }
                 None => changed.await,
@@ -513,6 +525,7 @@ mod tests {
         let dog = Arc::new(Watchdog::new(
             Duration::from_secs(5),
             Duration::from_secs(120),
+            Default::default(),
         ));
         let start = Instant::now();
         assert_eq!(dog.expired().await, Late::Head);
@@ -521,6 +534,7 @@ mod tests {
         let dog = Arc::new(Watchdog::new(
             Duration::from_secs(5),
             Duration::from_secs(120),
+            Default::default(),
         ));
         let busy = dog.begin();
         // No deadline while busy.
@@ -540,10 +554,39 @@ mod tests {
         let dog = Arc::new(Watchdog::new(
             Duration::from_secs(5),
             Duration::from_secs(120),
+            Default::default(),
         ));
         drop(dog.begin());
         let start = Instant::now();
         assert_eq!(dog.expired().await, Late::Idle);
         assert_eq!(start.elapsed(), Duration::from_secs(120));
+
+        // Under pressure an idle connection goes at once; a busy one or one sending its head
+        // does not.
+        let pressure = Arc::new(Notify::new());
+        let dog = Arc::new(Watchdog::new(
+            Duration::from_secs(5),
+            Duration::from_secs(120),
+            pressure.clone(),
+        ));
+        let start = Instant::now();
+        let waiting = tokio::spawn({
+            let dog = dog.clone();
+            async move { dog.expired().await }
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        pressure.notify_waiters();
+        assert_eq!(waiting.await.unwrap(), Late::Head);
+        assert_eq!(start.elapsed(), Duration::from_secs(5));
+        drop(dog.begin());
+        let start = Instant::now();
+        let waiting = tokio::spawn({
+            let dog = dog.clone();
+            async move { dog.expired().await }
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        pressure.notify_waiters();
+        assert_eq!(waiting.await.unwrap(), Late::Idle);
+        assert_eq!(start.elapsed(), Duration::from_secs(1));
     }
 }
