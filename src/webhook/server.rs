@@ -39,6 +39,7 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Set when shutdown starts: not ready any more.
     pub stopping: Arc<AtomicBool>,
+    /// The body deadline and size, and the cap on reviews in flight.
     pub reviews: ReviewLimits,
 }
 
@@ -60,9 +61,7 @@ impl ReviewLimits {
             in_flight: Arc::new(Semaphore::new(limits.max_reviews_in_flight)),
         }
     }
-}
 
-impl ReviewLimits {
     /// Reviews being handled now.
     pub fn in_flight(&self) -> usize {
         self.max_in_flight - self.in_flight.available_permits()
