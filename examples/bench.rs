@@ -36,7 +36,6 @@ use std::time::{Duration, Instant};
 
 use axum::extract::Request;
 use axum::middleware::Next;
-use axum_server::tls_rustls::RustlsConfig;
 use cape_static_ip::assign::Assigner;
 use cape_static_ip::cluster::cache::Caches;
 use cape_static_ip::events::Events;
@@ -101,6 +100,7 @@ async fn start_webhook(client: &Client, certs: &Path) -> InProcess {
         },
         metrics: metrics.clone(),
         stopping: Arc::new(AtomicBool::new(false)),
+        reviews: Default::default(),
     };
     let lifecycle = Lifecycle::new(
         state.assigner.clone(),
@@ -128,12 +128,15 @@ async fn start_webhook(client: &Client, certs: &Path) -> InProcess {
         },
     ));
     let cert = ReloadingCert::new(certs.join("tls.crt"), certs.join("tls.key")).unwrap();
-    let tls = RustlsConfig::from_config(Arc::new(cert.server_config()));
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = axum_server::from_tcp_rustls(listener, tls).unwrap();
-    tokio::spawn(server.serve(router.into_make_service()));
+    let tls = Arc::new(cert.server_config(false));
+    let (_, addr, serving) = cape_static_ip::webhook::listener::Server::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        Some(tls),
+        router,
+        Default::default(),
+    )
+    .unwrap();
+    tokio::spawn(serving);
     state.assigner.caches.wait_ready().await;
     InProcess {
         addr,

@@ -19,7 +19,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the admission webhook, the release loop and the reconciler.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Write a development CA and serving certificate.
     Certs(CertsArgs),
     /// Show every IPPool with its size, used and free addresses, and claims.
@@ -98,6 +98,9 @@ pub struct ServeArgs {
         default_value = "text"
     )]
     pub log_format: LogFormat,
+    /// Deadlines and caps of the server.
+    #[command(flatten)]
+    pub limits: crate::webhook::listener::Limits,
 }
 
 /// Flags of `certs`.

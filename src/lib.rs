@@ -26,7 +26,7 @@ pub mod webhook;
 /// Runs one command of the CLI.
 pub async fn run(cli: cli::Cli) -> anyhow::Result<()> {
     match cli.command {
-        cli::Command::Serve(args) => cmd::serve::run(args).await,
+        cli::Command::Serve(args) => cmd::serve::run(*args).await,
         cli::Command::Certs(args) => {
             let cli::CertsArgs { out, hosts, days } = args;
             let generated = webhook::certs::generate(&hosts, days)?;

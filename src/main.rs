@@ -1,7 +1,7 @@
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
-    // One TLS crypto provider for kube, axum-server and everything else.
+    // One TLS crypto provider for kube, the webhook server and everything else.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = cape_static_ip::cli::Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {

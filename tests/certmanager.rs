@@ -207,7 +207,7 @@ async fn inject_ca(client: &kube::Client, name: &str) {
 fn handshake(cert: &Path, key: &Path, ca_pem: &[u8], name: &str) -> Result<Vec<u8>, String> {
     let server_config = cape_static_ip::webhook::tls::ReloadingCert::new(cert.into(), key.into())
         .map_err(|e| e.to_string())?
-        .server_config();
+        .server_config(false);
     let mut roots = rustls::RootCertStore::empty();
     for ca in CertificateDer::pem_slice_iter(ca_pem) {
         roots.add(ca.map_err(|e| e.to_string())?).unwrap();

@@ -276,17 +276,19 @@ impl Recorder {
                 }
             }),
         );
-        let config = axum_server::tls_rustls::RustlsConfig::from_pem_file(
+        let cert = cape_static_ip::webhook::tls::ReloadingCert::new(
             e.hook.certs_dir.join("tls.crt"),
             e.hook.certs_dir.join("tls.key"),
         )
-        .await
         .unwrap();
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = axum_server::from_tcp_rustls(listener, config).unwrap();
-        tokio::spawn(server.serve(app.into_make_service()));
+        let (_, addr, serving) = cape_static_ip::webhook::listener::Server::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            Some(std::sync::Arc::new(cert.server_config(false))),
+            app,
+            Default::default(),
+        )
+        .unwrap();
+        tokio::spawn(serving);
         (Recorder { bodies }, addr)
     }
 

@@ -49,6 +49,7 @@ async fn replica(client: Client, certs: &Path) -> Running {
             drain: Duration::from_secs(5),
             shutdown_delay: Duration::ZERO,
             background: false,
+            limits: Default::default(),
         },
     )
     .await

@@ -366,6 +366,7 @@ async fn shutdown_turns_not_ready_keeps_answering_for_the_delay_then_stops() {
             drain: std::time::Duration::from_secs(5),
             shutdown_delay: std::time::Duration::from_millis(1500),
             background: false,
+            limits: Default::default(),
         },
     )
     .await

@@ -9,8 +9,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
-use axum_server::Handle;
-use axum_server::tls_rustls::RustlsConfig;
 use kube::Client;
 use tokio::task::JoinSet;
 
@@ -20,7 +18,8 @@ use crate::cluster::cache::Caches;
 use crate::events::Events;
 use crate::lifecycle::{Lifecycle, LifecycleOptions};
 use crate::metrics::Metrics;
-use crate::webhook::server::{AppState, admin_router, webhook_router};
+use crate::webhook::listener::{Limits, Server};
+use crate::webhook::server::{AppState, ReviewLimits, admin_router, webhook_router};
 use crate::webhook::tls::ReloadingCert;
 
 /// The shortest `--claim-grace` accepted whatever the apiserver's request timeout.
@@ -46,6 +45,8 @@ pub struct Options {
     pub shutdown_delay: Duration,
     /// Run the release loop and the reconciler (tests of admission alone turn it off).
     pub background: bool,
+    /// Deadlines and caps of both endpoints.
+    pub limits: Limits,
 }
 
 /// A running server.
@@ -53,11 +54,11 @@ pub struct Running {
     pub webhook_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub state: AppState,
-    webhook: Handle<SocketAddr>,
-    admin: Handle<SocketAddr>,
+    webhook: Server,
+    admin: Server,
     drain: Duration,
     shutdown_delay: Duration,
-    servers: JoinSet<std::io::Result<()>>,
+    servers: JoinSet<()>,
     tasks: JoinSet<()>,
 }
 
@@ -75,6 +76,7 @@ pub async fn start(client: Client, options: Options) -> anyhow::Result<Running> 
         drain,
         shutdown_delay,
         background,
+        limits,
     } = options;
     let cert = ReloadingCert::new(tls_cert_file, tls_key_file)
         .context("loading the serving certificate")?;
@@ -95,6 +97,7 @@ pub async fn start(client: Client, options: Options) -> anyhow::Result<Running> 
         assigner: assigner.clone(),
         metrics: metrics.clone(),
         stopping: Arc::new(AtomicBool::new(false)),
+        reviews: ReviewLimits::new(&limits),
     };
     {
         let cert = cert.clone();
@@ -128,24 +131,19 @@ pub async fn start(client: Client, options: Options) -> anyhow::Result<Running> 
     }
 
     let mut servers = JoinSet::new();
-    let webhook = Handle::new();
-    let listener = std::net::TcpListener::bind(listen)
-        .with_context(|| format!("binding the webhook to {listen}"))?;
-    listener.set_nonblocking(true)?;
-    let webhook_addr = listener.local_addr()?;
-    let tls = RustlsConfig::from_config(Arc::new(cert.server_config()));
-    let server = axum_server::from_tcp_rustls(listener, tls)?.handle(webhook.clone());
-    let router = webhook_router(state.clone());
-    servers.spawn(async move { server.serve(router.into_make_service()).await });
-
-    let admin = Handle::new();
-    let listener = std::net::TcpListener::bind(admin_listen)
-        .with_context(|| format!("binding the admin endpoint to {admin_listen}"))?;
-    listener.set_nonblocking(true)?;
-    let admin_addr = listener.local_addr()?;
-    let server = axum_server::from_tcp(listener)?.handle(admin.clone());
-    let router = admin_router(state.clone());
-    servers.spawn(async move { server.serve(router.into_make_service()).await });
+    let tls = Arc::new(cert.server_config(limits.http2));
+    let (webhook, webhook_addr, serving) = Server::bind(
+        listen,
+        Some(tls),
+        webhook_router(state.clone()),
+        limits.clone(),
+    )
+    .with_context(|| format!("binding the webhook to {listen}"))?;
+    servers.spawn(serving);
+    let (admin, admin_addr, serving) =
+        Server::bind(admin_listen, None, admin_router(state.clone()), limits)
+            .with_context(|| format!("binding the admin endpoint to {admin_listen}"))?;
+    servers.spawn(serving);
 
     tracing::info!(%webhook_addr, %admin_addr, "listening");
     Ok(Running {
@@ -170,11 +168,11 @@ impl Running {
     /// Not ready, stop accepting, drain in-flight reviews, stop the loops.
     pub async fn shutdown(mut self) {
         self.state.stopping.store(true, Ordering::Relaxed);
-        self.webhook.graceful_shutdown(Some(self.drain));
-        self.admin.graceful_shutdown(Some(Duration::from_secs(1)));
+        self.webhook.shutdown(self.drain);
+        self.admin.shutdown(Duration::from_secs(1));
         while let Some(r) = self.servers.join_next().await {
-            if let Ok(Err(e)) = r {
-                tracing::warn!(error = %e, "server stopped with an error");
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "server task failed");
             }
         }
         self.tasks.shutdown().await;
@@ -192,8 +190,7 @@ impl Running {
             }
             Some(r) = self.servers.join_next() => {
                 let err = match r {
-                    Ok(Ok(())) => anyhow::anyhow!("a server stopped unexpectedly"),
-                    Ok(Err(e)) => anyhow::Error::from(e).context("server failed"),
+                    Ok(()) => anyhow::anyhow!("a server stopped unexpectedly"),
                     Err(e) => anyhow::Error::from(e).context("server task failed"),
                 };
                 self.shutdown().await;
@@ -249,6 +246,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         drain,
         shutdown_delay,
         log_format,
+        limits,
     } = args;
     init_logging(log_format);
     let floor = MIN_CLAIM_GRACE.max(apiserver_request_timeout + GRACE_MARGIN);
@@ -278,6 +276,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             drain,
             shutdown_delay,
             background: true,
+            limits,
         },
     )
     .await?;

@@ -155,14 +155,19 @@ impl ReloadingCert {
         }
     }
 
-    /// A rustls server configuration that serves this certificate (HTTP/1.1 and h2).
-    pub fn server_config(&self) -> rustls::ServerConfig {
+    /// A rustls server configuration that serves this certificate, offering HTTP/1.1 and,
+    /// when `http2`, h2 first.
+    pub fn server_config(&self, http2: bool) -> rustls::ServerConfig {
         let mut config = rustls::ServerConfig::builder_with_provider(self.provider.clone())
             .with_safe_default_protocol_versions()
             .expect("the ring provider supports the default protocol versions")
             .with_no_client_auth()
             .with_cert_resolver(Arc::new(self.clone()));
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        config.alpn_protocols = if http2 {
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+        } else {
+            vec![b"http/1.1".to_vec()]
+        };
         config
     }
 }

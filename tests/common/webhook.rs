@@ -38,6 +38,8 @@ pub struct WebhookOptions {
     /// Serve these files instead of a fresh dev pair (for example a kubelet-style `..data`
     /// layout that a test rotates); `certs_dir` is then the certificate file's directory.
     pub tls: Option<TlsFiles>,
+    /// The server's deadlines and caps.
+    pub limits: cape_static_ip::webhook::listener::Limits,
 }
 
 /// A serving certificate and key on disk, and the CA (PEM) that signed the certificate.
@@ -58,6 +60,7 @@ impl Default for WebhookOptions {
             failure_policy: "Fail",
             use_given_client: false,
             tls: None,
+            limits: Default::default(),
         }
     }
 }
@@ -116,6 +119,7 @@ pub async fn start(client: &Client, namespace: &str, options: WebhookOptions) ->
             drain: Duration::from_secs(5),
             shutdown_delay: Duration::ZERO,
             background: options.background,
+            limits: options.limits.clone(),
         },
     )
     .await
