@@ -413,7 +413,8 @@ impl Assigner {
     }
 
     /// Reserves addresses in `pool` and creates their IPAddress until one create succeeds.
-    /// `None` when the pool has no free address.
+    /// `None` when the pool has no free address. (Long: the reserve/create/commit steps and
+    /// the three outcomes of the create read best as one loop.)
     async fn take_address(
         &self,
         m: &MachineView<'_>,
@@ -536,7 +537,8 @@ impl Assigner {
 
     /// Creates the claim for a freshly created address and points it at the address.
     /// Returns false when a claim of that name exists already (the same request delivered
-    /// twice): the caller gives its address back and takes the claim's.
+    /// twice): the caller gives its address back and takes the claim's. (Long: each of its
+    /// two writes has an "outcome unknown" branch that reads the object back.)
     async fn record_claim(
         &self,
         m: &MachineView<'_>,

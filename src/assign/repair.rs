@@ -244,7 +244,43 @@ impl Assigner {
         if dry_run {
             return Ok(Existing::Lease(lease));
         }
-        match &live {
+        if !self
+            .take_over(
+                m,
+                device,
+                live.as_ref(),
+                pointed.is_some(),
+                address_name,
+                &lease,
+            )
+            .await?
+        {
+            return Ok(Existing::Absent);
+        }
+        Ok(Existing::Lease(lease))
+    }
+
+    /// Makes an existing claim this request's: completes a half-written pair (an address
+    /// without its claim, a claim without `status.address`) or, for a complete one, writes
+    /// to the claim so that a release decided on the version read before fails its
+    /// precondition. False when the claim went away meanwhile.
+    async fn take_over(
+        &self,
+        m: &MachineView<'_>,
+        device: usize,
+        live: Option<&IPClaim>,
+        has_address: bool,
+        address_name: String,
+        lease: &Lease,
+    ) -> Result<bool, AssignError> {
+        let (pool, claim) = (&lease.pool, lease.claim.as_str());
+        let api_err = |action: String, source| AssignError::Api {
+            machine: machine_key(m.namespace, m.name),
+            device,
+            action,
+            source,
+        };
+        match live {
             // The address was written but its claim was not (an interrupted request).
             None => {
                 let mut written = Written::default();
@@ -255,11 +291,11 @@ impl Assigner {
                     address: lease.address,
                     claim: claim.to_string(),
                 });
-                if !self.record_claim(m, device, &lease, &mut written).await? {
-                    return Ok(Existing::Absent);
+                if !self.record_claim(m, device, lease, &mut written).await? {
+                    return Ok(false);
                 }
             }
-            Some(c) if pointed.is_none() => {
+            Some(_) if !has_address => {
                 writer::set_claim_address(&self.client, &pool.namespace, claim, &address_name)
                     .await
                     .map_err(|source| {
@@ -271,7 +307,6 @@ impl Assigner {
                             source,
                         )
                     })?;
-                let _ = c;
             }
             Some(c) => {
                 let taken =
@@ -285,11 +320,11 @@ impl Assigner {
                         })?;
                 if taken.is_none() {
                     // Released (or replaced) an instant ago.
-                    return Ok(Existing::Absent);
+                    return Ok(false);
                 }
             }
         }
-        Ok(Existing::Lease(lease))
+        Ok(true)
     }
 
     /// Deletes what a failed request wrote, newest first: each claim only at the version

@@ -62,7 +62,8 @@ pub struct Running {
     tasks: JoinSet<()>,
 }
 
-/// Starts everything and returns once both endpoints listen (caches keep syncing).
+/// Starts everything and returns once both endpoints listen (caches keep syncing). (Long:
+/// the wiring of every part in start-up order, read top to bottom.)
 pub async fn start(client: Client, options: Options) -> anyhow::Result<Running> {
     let Options {
         listen,

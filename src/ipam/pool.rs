@@ -369,6 +369,8 @@ struct Fallbacks {
     dns: Vec<Ipv4Addr>,
 }
 
+/// One range of the pool, each field checked in turn with a message that names it (long: a
+/// flat list of checks, clearest as one function).
 fn parse_range(i: usize, r: &RangeInput, fb: &Fallbacks) -> Result<Range, String> {
     let p = format!("spec.pools[{i}]");
     let need = "IPv4 ranges";
@@ -466,6 +468,8 @@ pub fn parse_pool(input: &PoolInput) -> Result<Pool, PoolError> {
     parse_inner(input).map_err(|message| PoolError { pool: key, message })
 }
 
+/// The pool's spec-level fields, then its ranges (long: a flat list of checks in the order
+/// the messages should come, clearest as one function).
 fn parse_inner(input: &PoolInput) -> Result<Pool, String> {
     check_name_prefix(&input.name_prefix)?;
     if input.ranges.is_empty() {

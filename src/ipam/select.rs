@@ -255,7 +255,8 @@ fn find_defaults(pools: &[PoolMeta], namespaces: &[String], labels: &[LabelValue
 }
 
 /// Chooses the candidate pools of one device. `default_namespace` is the configured default
-/// namespace (`cape-system` unless changed). O(number of pools).
+/// namespace (`cape-system` unless changed). O(number of pools). (Long: the four rules of
+/// the contract, in order, one block each.)
 pub fn select(
     req: &DeviceRequest,
     pools: &[PoolMeta],

@@ -113,11 +113,35 @@ impl Lifecycle {
                 .await?;
             released += 1;
         }
-        // Addresses whose claim is already gone (an earlier pass, or another replica,
-        // deleted the claim and then failed): found by the claim name they record.
+        self.release_orphan_addresses(&ns, &name, devices, &deleted_at.0)
+            .await?;
+        remove_finalizer(&self.assigner.client, &machine).await?;
+        self.assigner.events.emit(Note {
+            regarding: events::machine_ref(&ns, &name, machine.uid()),
+            warning: false,
+            reason: "AddressesReleased",
+            action: "Release",
+            message: format!(
+                "{released} IPClaim(s) released; finalizer {STATIC_IP_FINALIZER} removed"
+            ),
+        });
+        tracing::info!(machine = %key, claims = released, "released");
+        Ok(())
+    }
+
+    /// Addresses of this machine whose claim is already gone (an earlier pass, or another
+    /// replica, deleted the claim and then failed): found by the claim name they record.
+    async fn release_orphan_addresses(
+        &self,
+        ns: &str,
+        name: &str,
+        devices: usize,
+        deleted_at: &k8s_openapi::jiff::Timestamp,
+    ) -> Result<(), LifecycleError> {
+        let key = machine_key(ns, name);
         for i in 0..devices {
-            let claim = claim_name(&ns, &name, i);
-            for pool_ns in self.claim_namespaces(&ns) {
+            let claim = claim_name(ns, name, i);
+            for pool_ns in self.claim_namespaces(ns) {
                 if self.assigner.caches.claims.get(&pool_ns, &claim).is_some() {
                     continue;
                 }
@@ -128,7 +152,7 @@ impl Lifecycle {
                     .addresses_of_claim(&pool_ns, &claim)
                 {
                     if a.deleting
-                        || a.created.is_some_and(|t| t > deleted_at.0)
+                        || a.created.is_some_and(|t| t > *deleted_at)
                         || self.carried_by_others(a.address, Some(&key))
                     {
                         continue;
@@ -153,17 +177,6 @@ impl Lifecycle {
                 }
             }
         }
-        remove_finalizer(&self.assigner.client, &machine).await?;
-        self.assigner.events.emit(Note {
-            regarding: events::machine_ref(&ns, &name, machine.uid()),
-            warning: false,
-            reason: "AddressesReleased",
-            action: "Release",
-            message: format!(
-                "{released} IPClaim(s) released; finalizer {STATIC_IP_FINALIZER} removed"
-            ),
-        });
-        tracing::info!(machine = %key, claims = released, "released");
         Ok(())
     }
 
@@ -177,23 +190,17 @@ impl Lifecycle {
             .any(|k| Some(k.as_str()) != releasing)
     }
 
-    /// Deletes one claim and every address that names it: the claim first (at its uid, and
-    /// at its resourceVersion when it was read live), then the addresses found before it
-    /// went (at their uid).
-    ///
-    /// An address that a live machine other than `releasing` (the machine whose release
-    /// this is, if any) carries is kept: it stays locked, and the sweep lets it go once
-    /// nobody carries it.
-    pub(super) async fn release_claim(
+    /// The addresses a claim holds, read while the claim still exists: once the claim is
+    /// gone its machine may be released and a new machine of the same name may take the
+    /// same address, under the same names; so only these objects (by uid) are deleted
+    /// after it. Those carried by a live machine other than `releasing` are left out.
+    async fn addresses_held(
         &self,
         claim: &ClaimToRelease,
         releasing: Option<&str>,
-    ) -> Result<(), LifecycleError> {
+    ) -> Result<Vec<(String, Option<String>, Ipv4Addr)>, LifecycleError> {
         let (ns, name, pool) = (&claim.namespace, &claim.name, &claim.pool);
         let client = &self.assigner.client;
-        // Read the addresses while the claim still exists, and delete only those objects
-        // (by uid) after it: once the claim is gone its machine may be released and a new
-        // machine of the same name may take the same address, under the same names.
         let mut held: Vec<(String, Option<String>, Ipv4Addr)> = self
             .assigner
             .caches
@@ -242,6 +249,24 @@ impl Lifecycle {
             }
             !carried
         });
+        Ok(held)
+    }
+
+    /// Deletes one claim and every address that names it: the claim first (at its uid, and
+    /// at its resourceVersion when it was read live), then the addresses found before it
+    /// went (at their uid).
+    ///
+    /// An address that a live machine other than `releasing` (the machine whose release
+    /// this is, if any) carries is kept: it stays locked, and the sweep lets it go once
+    /// nobody carries it.
+    pub(super) async fn release_claim(
+        &self,
+        claim: &ClaimToRelease,
+        releasing: Option<&str>,
+    ) -> Result<(), LifecycleError> {
+        let (ns, name, pool) = (&claim.namespace, &claim.name, &claim.pool);
+        let client = &self.assigner.client;
+        let held = self.addresses_held(claim, releasing).await?;
         let addresses: Vec<String> = held.iter().map(|(a, _, _)| a.clone()).collect();
         // The claim first: metal3's controller, when it runs, must not see a live claim
         // without an address (it would allocate a new one).
