@@ -106,6 +106,7 @@ async fn start_webhook(client: &Client, certs: &Path) -> InProcess {
         state.assigner.clone(),
         metrics,
         LifecycleOptions {
+            reuse_delay: Duration::ZERO,
             resync: Duration::from_secs(300),
             claim_grace: Duration::from_secs(120),
         },

@@ -75,6 +75,11 @@ pub struct ServeArgs {
     /// exceed the longest admission the apiserver allows (see --apiserver-request-timeout).
     #[arg(long, env = "CAPE_STATIC_IP_CLAIM_GRACE", default_value = "2m", value_parser = humantime::parse_duration)]
     pub claim_grace: Duration,
+    /// How long a released address stays out of use ("cooling") while its pool has another
+    /// free address (ARP caches, DNS and monitoring still pointing at the old VM). A pool with
+    /// no other free address reuses the one released longest ago. 0s: reuse at once.
+    #[arg(long, env = "CAPE_STATIC_IP_REUSE_DELAY", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub reuse_delay: Duration,
     /// The kube-apiserver's `--request-timeout` (60s unless changed): no create can stay in
     /// admission longer, so a claim grace above it (plus a margin) never releases the claim
     /// of a create still in flight.

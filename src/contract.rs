@@ -45,6 +45,10 @@ pub const ANNOTATION_MACHINE_UID: &str = "static-ip.infrastructure.cluster.x-k8s
 /// claim's resourceVersion, which is what matters: see `cluster::writer::touch_claim`).
 pub const ANNOTATION_LEASED_AT: &str = "static-ip.infrastructure.cluster.x-k8s.io/leased-at";
 
+/// On an IPAddress kept after its claim was released (`--reuse-delay`): when it was
+/// released. The address stays locked ("cooling") until the delay has passed.
+pub const ANNOTATION_RELEASED_AT: &str = "static-ip.infrastructure.cluster.x-k8s.io/released-at";
+
 /// Our finalizer on IPPools that hold addresses we wrote: a pool cannot disappear (and be
 /// re-created empty) while machines carry its addresses. Removed once none is left.
 pub const POOL_FINALIZER: &str = "static-ip.infrastructure.cluster.x-k8s.io/pool-in-use";

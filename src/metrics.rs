@@ -53,6 +53,7 @@ pub struct Metrics {
     pub certificate_expiry: Gauge,
     pub pool_used: Family<PoolOnly, Gauge>,
     pub pool_free: Family<PoolOnly, Gauge>,
+    pub pool_cooling: Family<PoolOnly, Gauge>,
     pub release_waiting: ReleaseWaiting,
 }
 
@@ -68,6 +69,12 @@ impl Default for Metrics {
         let certificate_expiry = Gauge::default();
         let pool_used = Family::<PoolOnly, Gauge>::default();
         let pool_free = Family::<PoolOnly, Gauge>::default();
+        let pool_cooling = Family::<PoolOnly, Gauge>::default();
+        registry.register(
+            "pool_cooling_addresses",
+            "released addresses kept out of use for --reuse-delay (counted as used), by pool",
+            pool_cooling.clone(),
+        );
         registry.register(
             "pool_used_addresses",
             "Addresses of a pool held by an IPAddress (as the watch cache sees them)",
@@ -118,6 +125,7 @@ impl Default for Metrics {
             certificate_expiry,
             pool_used,
             pool_free,
+            pool_cooling,
             release_waiting,
         }
     }

@@ -340,6 +340,7 @@ async fn unsynced_webhook(limits: Limits) -> (Running, String, std::path::PathBu
             default_pool_namespace: "cape-system".into(),
             resync: Duration::from_secs(300),
             claim_grace: Duration::from_secs(120),
+            reuse_delay: Duration::ZERO,
             cert_reload: Duration::from_secs(60),
             drain: Duration::from_secs(1),
             shutdown_delay: Duration::ZERO,

@@ -45,6 +45,7 @@ async fn replica(client: Client, certs: &Path) -> Running {
             default_pool_namespace: "cape-system".into(),
             resync: Duration::from_secs(300),
             claim_grace: Duration::from_secs(120),
+            reuse_delay: std::time::Duration::ZERO,
             cert_reload: Duration::from_secs(60),
             drain: Duration::from_secs(5),
             shutdown_delay: Duration::ZERO,

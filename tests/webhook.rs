@@ -362,6 +362,7 @@ async fn shutdown_turns_not_ready_keeps_answering_for_the_delay_then_stops() {
             default_pool_namespace: "cape-system".into(),
             resync: std::time::Duration::from_secs(300),
             claim_grace: std::time::Duration::from_secs(120),
+            reuse_delay: std::time::Duration::ZERO,
             cert_reload: std::time::Duration::from_secs(2),
             drain: std::time::Duration::from_secs(5),
             shutdown_delay: std::time::Duration::from_millis(1500),

@@ -426,6 +426,7 @@ impl Assigner {
         let machine = machine_key(m.namespace, m.name);
         let index = &self.caches.index;
         let labels = owner_labels(m.namespace, m.name);
+        let mut reclaimed = false;
         for _ in 0..MAX_CONFLICTS {
             let reserved = index
                 .with_pool(pool, |s| {
@@ -438,6 +439,12 @@ impl Assigner {
                 .map_err(|e| self.unavailable(&machine, device, e))?;
             let (ip, lease, name) = match reserved {
                 Ok(r) => r,
+                // No other free address: the one released longest ago, if any is cooling
+                // (`--reuse-delay`), is used rather than denying the machine.
+                Err(AllocError::Exhausted(_)) if !reclaimed && self.reclaim_cooling(pool).await => {
+                    reclaimed = true;
+                    continue;
+                }
                 Err(AllocError::Exhausted(_)) => return Ok(None),
                 Err(e) => {
                     return Err(AssignError::BadPool {
@@ -508,6 +515,28 @@ impl Assigner {
                 "lost {MAX_CONFLICTS} addresses in a row to other writers in IPPool {pool}; retry"
             ),
         })
+    }
+
+    /// Deletes the cooling address of `pool` released longest ago (at its uid), so that a
+    /// full pool can hand it out again. True when one was freed.
+    async fn reclaim_cooling(&self, pool: &PoolKey) -> bool {
+        let Some(a) = self.caches.index.oldest_cooling(pool) else {
+            return false;
+        };
+        match writer::delete_address(&self.client, &a.namespace, &a.name, a.uid.as_deref()).await {
+            Ok(_) => {
+                tracing::info!(address = %format!("{}/{}", a.namespace, a.name), pool = %pool, "pool full: reusing a cooling address");
+                let _ = self
+                    .caches
+                    .index
+                    .with_pool(pool, |s| s.observe_released(a.address));
+                true
+            }
+            Err(e) => {
+                tracing::warn!(address = %format!("{}/{}", a.namespace, a.name), error = %e, "could not reuse a cooling address");
+                false
+            }
+        }
     }
 
     /// Creates an IPAddress. A failure whose outcome is unknown (transport error, timeout,

@@ -15,7 +15,7 @@ use kube::ResourceExt;
 
 use super::crd::{IPAddress, IPPool};
 use super::intern::Interner;
-use crate::contract::{LABEL_MANAGED_BY, MANAGER};
+use crate::contract::{ANNOTATION_RELEASED_AT, LABEL_MANAGED_BY, MANAGER};
 use crate::ipam::allocate::PoolState;
 use crate::ipam::pool::{Pool, PoolInput, RangeInput, parse_pool};
 use crate::ipam::select::{PoolKey, PoolMeta};
@@ -70,6 +70,9 @@ pub struct AddressInfo {
     pub deleting: bool,
     /// When this replica first saw the object (its monotonic clock; see the claim cache).
     pub since: std::time::Instant,
+    /// Released and kept while `--reuse-delay` runs (annotation `released-at`): when this
+    /// replica first saw it so.
+    pub cooling_since: Option<std::time::Instant>,
 }
 
 /// Shared, thread-safe allocation state. Locks are held only for in-memory work, never
@@ -258,6 +261,28 @@ impl IpamIndex {
             .unwrap_or_default()
     }
 
+    /// Cooling addresses (released, kept for `--reuse-delay`) per pool.
+    pub fn cooling(&self) -> HashMap<PoolKey, usize> {
+        let mut out: HashMap<PoolKey, usize> = HashMap::new();
+        for a in self.lock().objects.values() {
+            if a.cooling_since.is_some() && !a.deleting {
+                *out.entry((*a.pool).clone()).or_default() += 1;
+            }
+        }
+        out
+    }
+
+    /// The cooling address of `pool` released longest ago (by this replica's clock).
+    pub fn oldest_cooling(&self, pool: &PoolKey) -> Option<Arc<AddressInfo>> {
+        self.lock()
+            .objects
+            .values()
+            .filter(|a| *a.pool == *pool && !a.deleting)
+            .filter_map(|a| a.cooling_since.map(|since| (since, a)))
+            .min_by_key(|(since, _)| *since)
+            .map(|(_, a)| a.clone())
+    }
+
     /// The IPAddress objects whose `spec.claim` names this claim.
     pub fn addresses_of_claim(&self, namespace: &str, claim: &str) -> Vec<Arc<AddressInfo>> {
         let inner = self.lock();
@@ -412,6 +437,15 @@ impl Inner {
                 .get(&id)
                 .filter(|old| old.uid.as_deref() == address.uid().as_deref())
                 .map_or_else(std::time::Instant::now, |old| old.since),
+            cooling_since: address
+                .annotations()
+                .contains_key(ANNOTATION_RELEASED_AT)
+                .then(|| {
+                    self.objects
+                        .get(&id)
+                        .and_then(|old| old.cooling_since)
+                        .unwrap_or_else(std::time::Instant::now)
+                }),
         };
         if let Some(old) = self.objects.get(&id)
             && old.pool == info.pool

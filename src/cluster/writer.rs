@@ -159,6 +159,32 @@ pub async fn touch_claim(
     }
 }
 
+/// Keeps a released address as a lock while `--reuse-delay` runs: annotated with when it was
+/// released (guarded by its uid). Its claim is gone; the background loop deletes it once the
+/// delay has passed, and a pool with no other free address takes it back at once.
+pub async fn cool_address(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    uid: Option<&str>,
+) -> Result<Deleted, kube::Error> {
+    let api: Api<IPAddress> = Api::namespaced(client.clone(), namespace);
+    let patch = json!({"metadata": {
+        "uid": uid,
+        "annotations": {
+            crate::contract::ANNOTATION_RELEASED_AT: k8s_openapi::jiff::Timestamp::now().to_string(),
+        },
+    }});
+    match api
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        Ok(_) => Ok(Deleted::Gone),
+        Err(e) if is_status(&e, 404) => Ok(Deleted::Missing),
+        Err(e) => Err(e),
+    }
+}
+
 /// Whether a failed write may still have been stored: only an answer from the apiserver that
 /// refuses the request (a 4xx status) says it was not. A transport error, a timeout or a 5xx
 /// after the request was sent is "maybe written".

@@ -1,5 +1,6 @@
-//! `cape-static-ip pools`: a table of every IPPool with its size, used and free addresses and
-//! claims, computed the way the webhook computes them.
+//! `cape-static-ip pools`: a table of every IPPool with its size, used, free and cooling
+//! addresses (released, kept for `--reuse-delay`; counted as used) and claims, computed the
+//! way the webhook computes them.
 
 use std::collections::HashMap;
 
@@ -9,6 +10,7 @@ use kube::{Api, Client, ResourceExt};
 use crate::cli::PoolsArgs;
 use crate::cluster::crd::{IPAddress, IPClaim, IPPool};
 use crate::cluster::index::pool_input;
+use crate::contract::ANNOTATION_RELEASED_AT;
 use crate::ipam::allocate::PoolState;
 use crate::ipam::pool::parse_pool;
 
@@ -40,9 +42,13 @@ pub async fn run(args: PoolsArgs) -> anyhow::Result<()> {
         ),
     };
     let mut used: HashMap<(String, String), Vec<std::net::Ipv4Addr>> = HashMap::new();
+    let mut cooling: HashMap<(String, String), usize> = HashMap::new();
     for a in &addresses {
         let pool_ns = a.pool_namespace();
         if let (Some(pool), Ok(ip)) = (a.spec.pool.name.clone(), a.spec.address.parse()) {
+            if a.annotations().contains_key(ANNOTATION_RELEASED_AT) {
+                *cooling.entry((pool_ns.clone(), pool.clone())).or_default() += 1;
+            }
             used.entry((pool_ns, pool)).or_default().push(ip);
         }
     }
@@ -53,7 +59,7 @@ pub async fn run(args: PoolsArgs) -> anyhow::Result<()> {
             *claim_count.entry((ns, pool)).or_default() += 1;
         }
     }
-    println!("{}", render(&pools.items, &used, &claim_count));
+    println!("{}", render(&pools.items, &used, &cooling, &claim_count));
     Ok(())
 }
 
@@ -61,6 +67,7 @@ pub async fn run(args: PoolsArgs) -> anyhow::Result<()> {
 pub fn render(
     pools: &[IPPool],
     used: &HashMap<(String, String), Vec<std::net::Ipv4Addr>>,
+    cooling: &HashMap<(String, String), usize>,
     claims: &HashMap<(String, String), usize>,
 ) -> String {
     let mut rows = vec![[
@@ -69,12 +76,14 @@ pub fn render(
         "SIZE".into(),
         "USED".into(),
         "FREE".into(),
+        "COOLING".into(),
         "CLAIMS".into(),
         "PROBLEM".into(),
     ]];
     for pool in pools {
         let key = (pool.namespace().unwrap_or_default(), pool.name_any());
         let claims = claims.get(&key).copied().unwrap_or(0).to_string();
+        let cooling = cooling.get(&key).copied().unwrap_or(0).to_string();
         match parse_pool(&pool_input(pool)) {
             Ok(parsed) => {
                 let size = parsed.size();
@@ -85,6 +94,7 @@ pub fn render(
                     size.to_string(),
                     state.used().to_string(),
                     state.free().to_string(),
+                    cooling,
                     claims,
                     String::new(),
                 ]);
@@ -95,12 +105,13 @@ pub fn render(
                 "-".into(),
                 "-".into(),
                 "-".into(),
+                cooling,
                 claims,
                 e.to_string(),
             ]),
         }
     }
-    let widths: Vec<usize> = (0..7)
+    let widths: Vec<usize> = (0..8)
         .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
         .collect();
     rows.iter()
@@ -151,11 +162,12 @@ mod tests {
             vec!["10.0.0.10".parse().unwrap(), "10.0.0.11".parse().unwrap()],
         )]);
         let claims = HashMap::from([(("default".to_string(), "a".to_string()), 2)]);
-        let table = render(&pools, &used, &claims);
+        let cooling = HashMap::from([(("default".to_string(), "a".to_string()), 1)]);
+        let table = render(&pools, &used, &cooling, &claims);
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines.len(), 3, "{table}");
         let a: Vec<&str> = lines[1].split_whitespace().collect();
-        assert_eq!(a, ["default", "a", "10", "2", "8", "2"]);
+        assert_eq!(a, ["default", "a", "10", "2", "8", "1", "2"]);
         assert!(
             lines[2].contains("start 10.0.0.30 is after end 10.0.0.20"),
             "{table}"

@@ -38,6 +38,8 @@ pub struct Options {
     pub default_pool_namespace: String,
     pub resync: Duration,
     pub claim_grace: Duration,
+    /// Released addresses are kept (cooling) this long; see `--reuse-delay`.
+    pub reuse_delay: Duration,
     pub cert_reload: Duration,
     pub drain: Duration,
     /// How long to keep serving (not ready) after a shutdown signal, so that the apiserver
@@ -73,6 +75,7 @@ pub async fn start(client: Client, options: Options) -> anyhow::Result<Running> 
         default_pool_namespace,
         resync,
         claim_grace,
+        reuse_delay,
         cert_reload,
         drain,
         shutdown_delay,
@@ -126,6 +129,7 @@ pub async fn start(client: Client, options: Options) -> anyhow::Result<Running> 
             LifecycleOptions {
                 resync,
                 claim_grace,
+                reuse_delay,
             },
         );
         tasks.spawn(lifecycle.run());
@@ -242,6 +246,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         default_pool_namespace,
         resync,
         claim_grace,
+        reuse_delay,
         apiserver_request_timeout,
         cert_reload,
         drain,
@@ -273,6 +278,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             default_pool_namespace,
             resync,
             claim_grace,
+            reuse_delay,
             cert_reload,
             drain,
             shutdown_delay,

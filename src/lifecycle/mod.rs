@@ -43,6 +43,8 @@ const MAX_YIELD: Duration = Duration::from_secs(60);
 pub struct LifecycleOptions {
     pub resync: Duration,
     pub claim_grace: Duration,
+    /// `--reuse-delay`: released addresses are kept (cooling) this long instead of deleted.
+    pub reuse_delay: Duration,
 }
 
 /// Why one pass over a machine failed (it is retried with backoff).

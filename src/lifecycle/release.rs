@@ -157,14 +157,10 @@ impl Lifecycle {
                     {
                         continue;
                     }
-                    match writer::delete_address(
-                        &self.assigner.client,
-                        &a.namespace,
-                        &a.name,
-                        a.uid.as_deref(),
-                    )
-                    .await
-                    {
+                    if a.cooling_since.is_some() {
+                        continue;
+                    }
+                    match self.let_go(&a.namespace, &a.name, a.uid.as_deref()).await {
                         Ok(_) => {}
                         Err(kube::Error::Api(s)) if s.code == 409 => {}
                         Err(e) => {
@@ -178,6 +174,20 @@ impl Lifecycle {
             }
         }
         Ok(())
+    }
+
+    /// Lets an address go: deleted, or with `--reuse-delay` kept as a cooling lock.
+    async fn let_go(
+        &self,
+        ns: &str,
+        address: &str,
+        uid: Option<&str>,
+    ) -> Result<writer::Deleted, kube::Error> {
+        if self.options.reuse_delay.is_zero() {
+            writer::delete_address(&self.assigner.client, ns, address, uid).await
+        } else {
+            writer::cool_address(&self.assigner.client, ns, address, uid).await
+        }
     }
 
     /// Whether a live machine other than `releasing` carries `ip`.
@@ -207,7 +217,7 @@ impl Lifecycle {
             .index
             .addresses_of_claim(ns, name)
             .into_iter()
-            .filter(|a| !a.deleting)
+            .filter(|a| !a.deleting && a.cooling_since.is_none())
             .map(|a| {
                 (
                     a.name.to_string(),
@@ -292,7 +302,7 @@ impl Lifecycle {
             return Ok(());
         }
         for (address, uid, _) in &held {
-            let state = match writer::delete_address(client, ns, address, uid.as_deref()).await {
+            let state = match self.let_go(ns, address, uid.as_deref()).await {
                 Ok(state) => state,
                 // Replaced since it was read: not this claim's any more.
                 Err(kube::Error::Api(s)) if s.code == 409 => continue,

@@ -152,6 +152,13 @@ impl Lifecycle {
             if !address.ours || address.deleting || address.since.elapsed() <= grace {
                 continue;
             }
+            // Released and cooling (`--reuse-delay`): kept until the delay has passed.
+            if address
+                .cooling_since
+                .is_some_and(|since| since.elapsed() <= self.options.reuse_delay)
+            {
+                continue;
+            }
             if !index.carriers(address.address).is_empty() || self.claimed(&address) {
                 continue;
             }

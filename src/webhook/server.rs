@@ -109,7 +109,10 @@ async fn metrics(State(state): State<AppState>) -> Response {
     // Pool gauges are read from the index at scrape time: nothing to keep in step.
     state.metrics.pool_used.clear();
     state.metrics.pool_free.clear();
+    state.metrics.pool_cooling.clear();
+    let cooling = state.assigner.caches.index.cooling();
     for (pool, used, free) in state.assigner.caches.index.usage() {
+        let cools = cooling.get(&pool).copied().unwrap_or(0);
         let labels = PoolOnly {
             pool: pool.to_string(),
         };
@@ -123,6 +126,11 @@ async fn metrics(State(state): State<AppState>) -> Response {
             .pool_free
             .get_or_create(&labels)
             .set(free as i64);
+        state
+            .metrics
+            .pool_cooling
+            .get_or_create(&labels)
+            .set(cools as i64);
     }
     (
         [(

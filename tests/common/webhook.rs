@@ -40,6 +40,8 @@ pub struct WebhookOptions {
     pub tls: Option<TlsFiles>,
     /// The server's deadlines and caps.
     pub limits: cape_static_ip::webhook::listener::Limits,
+    /// `--reuse-delay`.
+    pub reuse_delay: Duration,
 }
 
 /// A serving certificate and key on disk, and the CA (PEM) that signed the certificate.
@@ -61,6 +63,7 @@ impl Default for WebhookOptions {
             use_given_client: false,
             tls: None,
             limits: Default::default(),
+            reuse_delay: Duration::ZERO,
         }
     }
 }
@@ -115,6 +118,7 @@ pub async fn start(client: &Client, namespace: &str, options: WebhookOptions) ->
             default_pool_namespace: options.default_pool_namespace.clone(),
             resync: options.resync,
             claim_grace: options.claim_grace,
+            reuse_delay: options.reuse_delay,
             cert_reload: Duration::from_millis(200),
             drain: Duration::from_secs(5),
             shutdown_delay: Duration::ZERO,
