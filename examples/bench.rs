@@ -14,7 +14,10 @@
 //!    machines/s their median);
 //! 4. the same bursts on a /16 with 60,000 addresses already used (pre-filled at 64 in flight);
 //! 5. resident memory of a fresh webhook child with 100,000 IPAM objects cached;
-//! 6. the allocator micro-benchmarks, read from criterion's output when `cargo bench --bench
+//! 6. admission calls per machine life (create, 10 metadata/spec patches as CAPI and CAPE
+//!    make them, deletion with CAPE's finalizer removed, release), 100 machines, with the
+//!    registration's `matchConditions` and without them (an apiserver before 1.28);
+//! 7. the allocator micro-benchmarks, read from criterion's output when `cargo bench --bench
 //!    allocator` ran first (as `make bench` does).
 //!
 //! Environment: `BENCH_MEM_OBJECTS` (default 100000) IPAM objects for the memory figure,
@@ -24,6 +27,9 @@
 #[allow(dead_code)]
 #[path = "../tests/common/controlplane.rs"]
 mod controlplane;
+#[allow(dead_code)]
+#[path = "../tests/common/life.rs"]
+mod life;
 #[allow(dead_code)]
 #[path = "../tests/common/webhook.rs"]
 mod webhook;
@@ -147,15 +153,17 @@ async fn start_webhook(client: &Client, certs: &Path) -> InProcess {
     }
 }
 
-/// Registers the webhook for `ns` and waits until the apiserver calls it.
-async fn register(client: &Client, hook: &InProcess, ca_pem: &str, ns: &str) {
-    webhook::register(
+/// Registers the webhook for `ns` (with the shipped `matchConditions`, or without them as on
+/// an apiserver before 1.28) and waits until the apiserver calls it.
+async fn register(client: &Client, hook: &InProcess, ca_pem: &str, ns: &str, conditions: bool) {
+    webhook::register_with(
         client,
         &format!("cape-static-ip-bench-{ns}"),
         hook.addr,
         ca_pem,
         ns,
         "Fail",
+        conditions,
     )
     .await;
     let probe: kube::core::DynamicObject = serde_json::from_value(json!({
@@ -179,6 +187,51 @@ async fn register(client: &Client, hook: &InProcess, ca_pem: &str, ns: &str) {
     }
     panic!("the apiserver never called the webhook for {ns}");
 }
+
+/// Admission calls during [`LIVES`] machine lives (life::machine_lives) in a namespace
+/// registered without the conditions, then in one registered with them: (label, lives, calls by
+/// operation), counted from the webhook's metrics.
+async fn machine_lives(
+    client: &Client,
+    hook: &InProcess,
+    ca_pem: &str,
+) -> Vec<(&'static str, usize, std::collections::BTreeMap<String, u64>)> {
+    let mut out = Vec::new();
+    for (label, conditions, subnet) in [
+        ("without matchConditions", false, "10.2.0.0/16"),
+        ("with matchConditions", true, "10.3.0.0/16"),
+    ] {
+        let ns = temp_namespace(client, "bench-life").await;
+        create(
+            client,
+            &ns,
+            pool(
+                "life",
+                json!({"namePrefix": "life", "pools": [{"subnet": subnet}], "prefix": 16}),
+                json!({}),
+            ),
+        )
+        .await
+        .unwrap();
+        create(
+            client,
+            &ns,
+            template("tpl", json!({"cluster.x-k8s.io/ip-pool-name": "life"})),
+        )
+        .await
+        .unwrap();
+        register(client, hook, ca_pem, &ns, conditions).await;
+        eprintln!("bench: {LIVES} machine lives, {label}");
+        let before = life::admission_calls(&hook.state.metrics.encode());
+        life::machine_lives(client, &ns, "life", "tpl", LIVES, 20).await;
+        let after = life::admission_calls(&hook.state.metrics.encode());
+        out.push((label, LIVES, life::calls_between(&before, &after)));
+    }
+    out
+}
+
+/// Machines per life measurement.
+const LIVES: usize = 100;
 
 /// `le` → cumulative count of the admission histogram, summed over labels.
 fn histogram(metrics: &Metrics) -> Vec<(f64, f64)> {
@@ -759,7 +812,7 @@ async fn main() {
         )
         .await
         .unwrap();
-        register(&client, &hook, &ca_pem, ns).await;
+        register(&client, &hook, &ca_pem, ns, true).await;
     }
     create(&client, &floor_ns, template("tpl", json!({})))
         .await
@@ -794,6 +847,8 @@ async fn main() {
     let floors = [floor_a.expect("floor"), floor_b.expect("floor")];
 
     let profile = cpu_split(&client, &hook, &empty_ns, &target).await;
+
+    let lives = machine_lives(&client, &hook, &ca_pem).await;
 
     eprintln!("bench: pre-filling {prefill} addresses of the second /16 at 64 in flight");
     let addrs = dynamic(
@@ -1008,6 +1063,14 @@ async fn main() {
         format!("{rss_100k:.1} MiB"),
         "<= 150 MB",
     );
+    for (label, n, calls) in &lives {
+        let per: f64 = life::total(calls) as f64 / *n as f64;
+        row(
+            format!("admission calls per machine life, {label} ({n} lives)"),
+            format!("{per:.2} ({calls:?})"),
+            "",
+        );
+    }
     for (id, ns) in &micro {
         row(format!("allocator {id}"), format!("{:.0} ns", ns), "");
     }
@@ -1030,6 +1093,7 @@ async fn main() {
     let report = json!({
         "bursts_empty": empty, "bursts_full": full, "floor": floors,
         "prefill": {"addresses": filled, "seconds": fill_s},
+        "machine_lives": lives.iter().map(|(label, n, calls)| json!({"registration": label, "machines": n, "admission_calls": calls})).collect::<Vec<_>>(),
         "rss_mib": {"idle": rss_idle, "loaded": rss_loaded, "loaded_peak": hwm_loaded,
                     "loaded_objects": cached, "at_100k": rss_100k, "extrapolated": cached < 100_000},
         "allocator_ns": micro.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),

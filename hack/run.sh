@@ -3,7 +3,8 @@
 # - With a reachable cluster (KUBECONFIG or ~/.kube/config), uses it. Otherwise starts the
 #   local control plane (etcd + kube-apiserver, CRDs installed), kubeconfig in .dev/kubeconfig.
 # - Writes dev certificates to certs/ (once), starts the webhook on 127.0.0.1:9443 (admin on
-#   127.0.0.1:8080), registers it for every namespace, applies a sample IPPool and
+#   127.0.0.1:8080), registers it as manifests/webhook.yaml does (every namespace but
+#   kube-system and cape-system; only requests that need an address), applies a sample IPPool and
 #   ElfMachineTemplate, and prints the commands that create a machine and show its IP.
 # - Ctrl-C unregisters the webhook and stops everything it started.
 set -euo pipefail
@@ -57,8 +58,30 @@ for _ in $(seq 1 100); do
   sleep 0.1
 done
 
+# The registration is manifests/webhook.yaml itself (its matchConditions included), with the
+# local URL and CA instead of the Service and cert-manager's annotation; rendered by kubectl's
+# kustomize. An apiserver before 1.28 has no matchConditions: they are left out there.
 CA=$(base64 -w0 < certs/ca.crt)
-k apply -f - >/dev/null <<YAML
+mkdir -p .dev/webhook
+cp manifests/webhook.yaml .dev/webhook/webhook.yaml
+minor=$(k version -o json 2>/dev/null | tr -d ' \n' | sed -n 's/.*"serverVersion":{[^}]*"minor":"\([0-9]*\).*/\1/p')
+drop_conditions=""
+if [[ -n "$minor" && "$minor" -lt 28 ]]; then
+  echo "apiserver 1.$minor has no matchConditions: the webhook is called for every CREATE and UPDATE"
+  drop_conditions="- {op: remove, path: /webhooks/0/matchConditions}"
+fi
+cat > .dev/webhook/kustomization.yaml <<YAML
+resources:
+  - webhook.yaml
+patches:
+  - target: {kind: MutatingWebhookConfiguration, name: cape-static-ip}
+    patch: |-
+      - {op: replace, path: /metadata/name, value: $WEBHOOK_NAME}
+      - {op: remove, path: /metadata/annotations}
+      - {op: replace, path: /webhooks/0/clientConfig, value: {url: "https://$LISTEN/mutate-elfmachine", caBundle: "$CA"}}
+      $drop_conditions
+YAML
+k kustomize .dev/webhook | k apply -f - >/dev/null
 apiVersion: admissionregistration.k8s.io/v1
 kind: MutatingWebhookConfiguration
 metadata:

@@ -318,13 +318,15 @@ fn write(name: &str, review: &Value, ns: &str) {
 async fn capture_fixtures() {
     let e = setup("capture", WebhookOptions::default()).await;
     let (rec, addr) = Recorder::start(&e).await;
-    webhook::register(
+    // Without matchConditions, so that the apiserver also sends the metadata-only UPDATE.
+    webhook::register_with(
         &e.client,
         &e.hook.config,
         addr,
         &e.hook.ca_pem,
         &e.ns,
         "Fail",
+        false,
     )
     .await;
     // Wait until the apiserver calls the recorder.

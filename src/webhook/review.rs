@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 use rand::distr::{Alphanumeric, SampleString};
+use serde::Deserialize;
 use serde_json::Value;
 use tracing::Instrument;
 
@@ -126,6 +127,86 @@ fn deny(code: u16, message: String) -> Decision {
     Decision::Deny { code, message }
 }
 
+/// One entry of the webhook registration's `matchConditions` (CEL).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MatchCondition {
+    pub name: &'static str,
+    pub expression: &'static str,
+}
+
+/// [`needs_review`] as CEL, for the apiserver: the webhook is called only when every
+/// condition is true, so requests that cannot need an address never wait for us (and go
+/// through while we are down). Every registration uses these: `manifests/webhook.yaml`
+/// (a test checks it holds exactly these), `hack/run.sh` (renders that file) and the tests'.
+/// Absent fields are guarded with `has()`; the apiserver drops `null`s of an ElfMachine
+/// (its schema has no nullable field) before admission.
+pub const MATCH_CONDITIONS: [MatchCondition; 3] = [
+    MatchCondition {
+        name: "not-being-deleted",
+        expression: "!has(object.metadata.deletionTimestamp)",
+    },
+    MatchCondition {
+        name: "a-device-needs-an-address",
+        expression: "has(object.spec) && has(object.spec.network) && \
+            has(object.spec.network.devices) && \
+            object.spec.network.devices.exists(d, has(d.networkType) && \
+            d.networkType == 'IPV4' && (!has(d.ipAddrs) || size(d.ipAddrs) == 0))",
+    },
+    MatchCondition {
+        name: "devices-changed-on-update",
+        expression: "request.operation != 'UPDATE' || \
+            !has(oldObject.spec) || !has(oldObject.spec.network) || \
+            !has(oldObject.spec.network.devices) || \
+            !has(object.spec) || !has(object.spec.network) || !has(object.spec.network.devices) || \
+            object.spec.network.devices != oldObject.spec.network.devices",
+    },
+];
+
+/// [`MATCH_CONDITIONS`] as the registration's field.
+pub fn match_conditions() -> Vec<k8s_openapi::api::admissionregistration::v1::MatchCondition> {
+    MATCH_CONDITIONS
+        .iter()
+        .map(
+            |c| k8s_openapi::api::admissionregistration::v1::MatchCondition {
+                name: c.name.into(),
+                expression: c.expression.into(),
+            },
+        )
+        .collect()
+}
+
+/// Whether a request can need us at all; the one rule, kept equal to [`MATCH_CONDITIONS`]:
+/// a CREATE or UPDATE of a machine that is not being deleted, with a device that needs an
+/// address ([`needs_address`]: `networkType: IPV4` and no `ipAddrs`), and for an UPDATE only
+/// when `spec.network.devices` changed (a wipe of `ipAddrs` or a hot-added NIC changes them).
+/// Everything else (labels, annotations, finalizers, `providerID`, CAPE's spec fields, the
+/// finalizer removals of a deletion, dry runs of any of these) is allowed unchanged. A
+/// machine that already needed an address and whose devices did not change (admitted
+/// without us) is left to the background reconciler, as it would be with the conditions.
+/// A spec that cannot be read counts as needing review, so that [`decide`] denies it
+/// saying why.
+pub fn needs_review(operation: &Operation, object: &Value, old_object: Option<&Value>) -> bool {
+    if !matches!(operation, Operation::Create | Operation::Update)
+        || object
+            .pointer("/metadata/deletionTimestamp")
+            .is_some_and(|t| !t.is_null())
+    {
+        return false;
+    }
+    let Some(spec) = object.get("spec").filter(|s| !s.is_null()) else {
+        return false;
+    };
+    let Ok(spec) = ElfMachineSpec::deserialize(spec) else {
+        return true;
+    };
+    if !spec.network.devices.iter().any(needs_address) {
+        return false;
+    }
+    const DEVICES: &str = "/spec/network/devices";
+    *operation != Operation::Update
+        || old_object.and_then(|o| o.pointer(DEVICES)) != object.pointer(DEVICES)
+}
+
 /// Decides what to do with a request (no I/O unless a device needs an address).
 pub async fn decide(assigner: &Assigner, request: &AdmissionRequest<DynamicObject>) -> Decision {
     if request.kind.kind != "ElfMachine"
@@ -159,6 +240,13 @@ pub async fn decide(assigner: &Assigner, request: &AdmissionRequest<DynamicObjec
             );
         }
     };
+    let old_json = request
+        .old_object
+        .as_ref()
+        .and_then(|o| serde_json::to_value(o).ok());
+    if !needs_review(&request.operation, &object_json, old_json.as_ref()) {
+        return Decision::Allow;
+    }
     let shown_name = object
         .metadata
         .name
@@ -184,11 +272,6 @@ pub async fn decide(assigner: &Assigner, request: &AdmissionRequest<DynamicObjec
             );
         }
     };
-    if object.metadata.deletion_timestamp.is_some()
-        || !spec.network.devices.iter().any(needs_address)
-    {
-        return Decision::Allow;
-    }
 
     // A generateName request has no name yet; choose it here so the claims can carry it.
     let mut generated = None;
@@ -244,6 +327,91 @@ mod tests {
 
     fn response(body: &[u8]) -> AdmissionResponse {
         unreadable(body, &"test").response.expect("a response")
+    }
+
+    fn machine(devices: Value) -> Value {
+        serde_json::json!({"metadata": {"name": "m"}, "spec": {"network": {"devices": devices}}})
+    }
+
+    #[test]
+    fn needs_review_only_when_a_device_needs_an_address() {
+        use serde_json::json;
+        let needs = json!([{"networkType": "IPV4"}]);
+        let has = json!([{"networkType": "IPV4", "ipAddrs": ["10.0.0.5"]}]);
+        let create = |o: &Value| needs_review(&Operation::Create, o, None);
+        let update = |o: &Value, old: &Value| needs_review(&Operation::Update, o, Some(old));
+        assert!(create(&machine(needs.clone())));
+        assert!(create(&machine(
+            json!([{"networkType": "IPV4", "ipAddrs": []}])
+        )));
+        assert!(create(&machine(
+            json!([has[0].clone(), {"networkType": "IPV4"}])
+        )));
+        assert!(!create(&machine(has.clone())));
+        assert!(!create(&machine(
+            json!([{"networkType": "IPV4_DHCP"}, {"networkType": "ipv4"}])
+        )));
+        assert!(!create(&machine(json!([]))));
+        assert!(!create(&json!({"metadata": {"name": "m"}, "spec": {}})));
+        assert!(!create(&json!({"metadata": {"name": "m"}})));
+        // Unreadable: reviewed, so that admission denies it saying why.
+        assert!(create(&machine(json!("not a list"))));
+        // Being deleted: never.
+        let mut deleting = machine(needs.clone());
+        deleting["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+        assert!(!create(&deleting));
+        assert!(!update(&deleting, &machine(needs.clone())));
+        // UPDATE: only when the devices changed and one needs an address.
+        let mut labelled = machine(has.clone());
+        labelled["metadata"]["labels"] = json!({"x": "y"});
+        assert!(!update(&labelled, &machine(has.clone())));
+        assert!(
+            update(&machine(needs.clone()), &machine(has.clone())),
+            "a wipe"
+        );
+        assert!(
+            update(
+                &machine(json!([has[0].clone(), {"networkType": "IPV4"}])),
+                &machine(has.clone())
+            ),
+            "a hot-added NIC"
+        );
+        assert!(
+            update(
+                &machine(needs.clone()),
+                &json!({"metadata": {"name": "m"}, "spec": {}})
+            ),
+            "the network copied in later"
+        );
+        assert!(
+            !update(&machine(needs.clone()), &machine(needs.clone())),
+            "unchanged devices that need an address are left to the reconciler"
+        );
+        assert!(!update(
+            &machine(json!([{"networkType": "IPV4", "ipAddrs": ["10.0.0.6"]}])),
+            &machine(has.clone())
+        ));
+        for op in [Operation::Delete, Operation::Connect] {
+            assert!(!needs_review(&op, &machine(needs.clone()), None));
+        }
+    }
+
+    #[test]
+    fn the_match_conditions_name_the_contract() {
+        use crate::contract::NETWORK_TYPE_STATIC;
+        let all: String = MATCH_CONDITIONS.iter().map(|c| c.expression).collect();
+        assert!(all.contains(&format!("d.networkType == '{NETWORK_TYPE_STATIC}'")));
+        assert!(
+            all.contains("deletionTimestamp") && all.contains("oldObject.spec.network.devices")
+        );
+        assert_eq!(match_conditions().len(), MATCH_CONDITIONS.len());
+        for c in MATCH_CONDITIONS {
+            assert!(
+                !c.expression.contains("  "),
+                "{}: the YAML folds it into single spaces",
+                c.name
+            );
+        }
     }
 
     #[test]

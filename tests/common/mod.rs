@@ -1,5 +1,6 @@
 #![allow(dead_code)]
 pub mod controlplane;
+pub mod life;
 pub mod metal3;
 pub mod tools;
 pub mod util;

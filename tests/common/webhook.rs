@@ -35,6 +35,9 @@ pub struct WebhookOptions {
     /// Run the webhook with the given client's credentials instead of the least-privilege
     /// user bound to the shipped ClusterRole.
     pub use_given_client: bool,
+    /// Register with the `matchConditions` every shipped registration carries (the default);
+    /// `false` registers as on an apiserver before 1.28, called for every CREATE and UPDATE.
+    pub match_conditions: bool,
     /// Serve these files instead of a fresh dev pair (for example a kubelet-style `..data`
     /// layout that a test rotates); `certs_dir` is then the certificate file's directory.
     pub tls: Option<TlsFiles>,
@@ -61,6 +64,7 @@ impl Default for WebhookOptions {
             default_pool_namespace: "cape-system".into(),
             failure_policy: "Fail",
             use_given_client: false,
+            match_conditions: true,
             tls: None,
             limits: Default::default(),
             reuse_delay: Duration::ZERO,
@@ -130,13 +134,14 @@ pub async fn start(client: &Client, namespace: &str, options: WebhookOptions) ->
     .expect("webhook starts");
     running.ready().await;
     let config = format!("cape-static-ip-test-{namespace}");
-    register(
+    register_with(
         client,
         &config,
         running.webhook_addr,
         &ca_pem,
         namespace,
         options.failure_policy,
+        options.match_conditions,
     )
     .await;
     wait_until_called(client, namespace).await;
@@ -149,7 +154,8 @@ pub async fn start(client: &Client, namespace: &str, options: WebhookOptions) ->
     }
 }
 
-/// Registers a MutatingWebhookConfiguration for `namespace` pointing at `addr`.
+/// Registers a MutatingWebhookConfiguration for `namespace` pointing at `addr`, with the
+/// shipped `matchConditions`.
 pub async fn register(
     client: &Client,
     name: &str,
@@ -157,6 +163,20 @@ pub async fn register(
     ca_pem: &str,
     namespace: &str,
     failure_policy: &str,
+) {
+    register_with(client, name, addr, ca_pem, namespace, failure_policy, true).await;
+}
+
+/// [`register`], with or without the `matchConditions` (without: as on an apiserver before
+/// 1.28, which calls the webhook for every CREATE and UPDATE of an ElfMachine).
+pub async fn register_with(
+    client: &Client,
+    name: &str,
+    addr: SocketAddr,
+    ca_pem: &str,
+    namespace: &str,
+    failure_policy: &str,
+    match_conditions: bool,
 ) {
     let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
     let _ = api.delete(name, &DeleteParams::default()).await;
@@ -192,6 +212,7 @@ pub async fn register(
                 ..Default::default()
             }),
             reinvocation_policy: Some("IfNeeded".into()),
+            match_conditions: match_conditions.then(cape_static_ip::admission::match_conditions),
             ..Default::default()
         }]),
     };
