@@ -82,28 +82,6 @@ patches:
       $drop_conditions
 YAML
 k kustomize .dev/webhook | k apply -f - >/dev/null
-apiVersion: admissionregistration.k8s.io/v1
-kind: MutatingWebhookConfiguration
-metadata:
-  name: $WEBHOOK_NAME
-webhooks:
-  - name: elfmachines.static-ip.infrastructure.cluster.x-k8s.io
-    admissionReviewVersions: ["v1"]
-    clientConfig:
-      url: https://$LISTEN/mutate-elfmachine
-      caBundle: $CA
-    rules:
-      - apiGroups: ["infrastructure.cluster.x-k8s.io"]
-        apiVersions: ["*"]
-        operations: ["CREATE", "UPDATE"]
-        resources: ["elfmachines"]
-        scope: Namespaced
-    failurePolicy: Fail
-    sideEffects: NoneOnDryRun
-    timeoutSeconds: 10
-    matchPolicy: Equivalent
-    reinvocationPolicy: IfNeeded
-YAML
 k apply -f manifests/samples/ippool.yaml -f manifests/samples/elfmachinetemplate.yaml >/dev/null
 
 cat <<MSG
