@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use cape_static_ip::admission::{MATCH_CONDITIONS, needs_review};
+use cape_static_ip::webhook::review::{MATCH_CONDITIONS, needs_review};
 use common::controlplane::{CrdSet, shared, temp_namespace};
 use common::life::{self, CAPE_FINALIZER, PATCHES, admission_calls, calls_between, total};
 use common::util::{count, eventually, gone, setup, wait_for_pool};
@@ -105,7 +105,7 @@ fn manifests_carry_the_match_conditions() {
         .collect();
     assert_eq!(
         shipped, constant,
-        "manifests/webhook.yaml and MATCH_CONDITIONS (src/admission.rs) differ"
+        "manifests/webhook.yaml and MATCH_CONDITIONS (src/webhook/review.rs) differ"
     );
     let run_sh = std::fs::read_to_string(root().join("hack/run.sh")).unwrap();
     assert!(

@@ -212,7 +212,8 @@ pub async fn register_with(
                 ..Default::default()
             }),
             reinvocation_policy: Some("IfNeeded".into()),
-            match_conditions: match_conditions.then(cape_static_ip::admission::match_conditions),
+            match_conditions: match_conditions
+                .then(cape_static_ip::webhook::review::match_conditions),
             ..Default::default()
         }]),
     };
