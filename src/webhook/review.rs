@@ -139,7 +139,9 @@ pub struct MatchCondition {
 /// through while we are down). Every registration uses these: `manifests/webhook.yaml`
 /// (a test checks it holds exactly these), `hack/run.sh` (renders that file) and the tests'.
 /// Absent fields are guarded with `has()`; the apiserver drops `null`s of an ElfMachine
-/// (its schema has no nullable field) before admission.
+/// (its schema has no nullable field) before admission. A spec of the wrong shape (say
+/// `devices: "x"`) makes a condition fail to evaluate: with `failurePolicy: Fail` the
+/// apiserver refuses the request naming the expression, as its schema would next.
 pub const MATCH_CONDITIONS: [MatchCondition; 3] = [
     MatchCondition {
         name: "not-being-deleted",
