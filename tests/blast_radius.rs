@@ -22,6 +22,10 @@ use serde_json::{Value, json};
 
 const FINALIZER: &str = "elfmachinestaticip.infrastructure.cluster.x-k8s.io";
 
+/// Every webhook's release loop watches the machines of all namespaces: the test that stops
+/// its webhook runs alone, so that no other test's loop releases its machine meanwhile.
+static ALONE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -186,6 +190,7 @@ enum Step {
 /// what the contract wants.
 #[tokio::test]
 async fn the_apiserver_calls_us_exactly_when_needs_review_says() {
+    let _shared = ALONE.read().await;
     let cp = shared(CrdSet::Current);
     let client = cp.client().await;
     let ns = temp_namespace(&client, "conditions").await;
@@ -485,6 +490,7 @@ fn refused_by_the_apiserver(result: Result<kube::core::DynamicObject, kube::Erro
 /// the conditions refuses the same metadata update (what the conditions change).
 #[tokio::test]
 async fn everything_else_goes_through_while_the_webhook_is_down() {
+    let _alone = ALONE.write().await;
     let cp = shared(CrdSet::Current);
     let client = cp.client().await;
     let ns = temp_namespace(&client, "down").await;
@@ -660,6 +666,7 @@ async fn everything_else_goes_through_while_the_webhook_is_down() {
 /// for 100.
 #[tokio::test]
 async fn a_machine_life_costs_one_admission_call() {
+    let _shared = ALONE.read().await;
     const N: u64 = 10;
     let cp = shared(CrdSet::Current);
     let client = cp.client().await;
