@@ -1,4 +1,5 @@
 #![allow(dead_code)]
+pub mod controllers;
 pub mod controlplane;
 pub mod life;
 pub mod metal3;
