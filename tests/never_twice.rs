@@ -181,7 +181,9 @@ impl Env {
         if !address["metadata"]["deletionTimestamp"].is_null() {
             return Some(format!("IPAddress {name} of {ip} is being deleted"));
         }
-        let claim = address["spec"]["claim"]["name"].as_str().unwrap_or_default();
+        let claim = address["spec"]["claim"]["name"]
+            .as_str()
+            .unwrap_or_default();
         match self
             .claims()
             .await
@@ -191,9 +193,9 @@ impl Env {
             None => Some(format!(
                 "IPAddress {name} of {ip} names IPClaim {claim}, which does not exist"
             )),
-            Some(c) if !c["metadata"]["deletionTimestamp"].is_null() => Some(format!(
-                "IPClaim {claim} (of {ip}) is being deleted"
-            )),
+            Some(c) if !c["metadata"]["deletionTimestamp"].is_null() => {
+                Some(format!("IPClaim {claim} (of {ip}) is being deleted"))
+            }
             Some(_) => None,
         }
     }
@@ -209,7 +211,10 @@ impl Env {
     async fn assert_never_twice(&self, when: &str) {
         let mut seen: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for m in self.live_machines().await {
-            let name = m["metadata"]["name"].as_str().unwrap_or_default().to_string();
+            let name = m["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
             for ip in carried(&m) {
                 seen.entry(ip).or_default().push(name.clone());
             }
@@ -225,7 +230,11 @@ impl Env {
     /// Every address a static (IPV4) device of a live machine carries is held.
     async fn assert_all_held(&self, when: &str) {
         for m in self.live_machines().await {
-            for d in m["spec"]["network"]["devices"].as_array().into_iter().flatten() {
+            for d in m["spec"]["network"]["devices"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
                 if d["networkType"] != "IPV4" {
                     continue;
                 }
@@ -249,7 +258,12 @@ impl Env {
         let limit = GRACE + Duration::from_secs(30);
         let t0 = Instant::now();
         loop {
-            let carried_now: Vec<String> = self.live_machines().await.iter().flat_map(carried).collect();
+            let carried_now: Vec<String> = self
+                .live_machines()
+                .await
+                .iter()
+                .flat_map(carried)
+                .collect();
             let addresses = self.addresses().await;
             let leaked: Vec<String> = addresses
                 .iter()
@@ -362,7 +376,7 @@ async fn removing_the_first_nic_keeps_the_address_the_machine_still_carries() {
                    {"op": "remove", "path": "/spec/network/devices/0"}]),
         )
         .await;
-    assert_eq!(ips(&m), [b.clone()]);
+    assert_eq!(ips(&m), vec![b.clone()]);
 
     past_grace().await;
     e.assert_held(&b, "past the grace, the address the machine carries")
@@ -386,7 +400,7 @@ async fn a_nic_inserted_first_gets_its_own_address() {
     let e = env("nt-inserted", 42).await;
     let m = e.machine("nic", json!([{"networkType": "IPV4"}])).await;
     let a = e.ip(10);
-    assert_eq!(ips(&m), [a.clone()]);
+    assert_eq!(ips(&m), vec![a.clone()]);
 
     let m = e
         .patch(
@@ -471,7 +485,10 @@ async fn dhcp_and_back_across_the_grace_never_puts_one_address_on_two_machines()
     let keep = e.machine("keeps", json!([{"networkType": "IPV4"}])).await;
     let clear = e.machine("clears", json!([{"networkType": "IPV4"}])).await;
     let (a, c) = (ips(&keep)[0].clone(), ips(&clear)[0].clone());
-    assert_eq!((a.as_str(), c.as_str()), (e.ip(10).as_str(), e.ip(11).as_str()));
+    assert_eq!(
+        (a.as_str(), c.as_str()),
+        (e.ip(10).as_str(), e.ip(11).as_str())
+    );
 
     e.patch(
         "keeps",
@@ -499,7 +516,7 @@ async fn dhcp_and_back_across_the_grace_never_puts_one_address_on_two_machines()
             json!([{"op": "replace", "path": "/spec/network/devices/0/networkType", "value": "IPV4"}]),
         )
         .await;
-    assert_eq!(ips(&back), [a.clone()]);
+    assert_eq!(ips(&back), vec![a.clone()]);
     let back = e
         .patch(
             "clears",
@@ -576,9 +593,19 @@ async fn a_deleted_pool_keeps_the_addresses_machines_hold() {
     // The collector deletes what it may within seconds (10 s measured): give it 20.
     tokio::time::sleep(Duration::from_secs(20)).await;
     kcm.assert_running();
-    e.assert_held(&a, "20 s after the pool was deleted, with the garbage collector running")
-        .await;
-    let pools = dynamic(&e.client, &e.ns, "ipam.metal3.io", "v1alpha1", "IPPool", "ippools");
+    e.assert_held(
+        &a,
+        "20 s after the pool was deleted, with the garbage collector running",
+    )
+    .await;
+    let pools = dynamic(
+        &e.client,
+        &e.ns,
+        "ipam.metal3.io",
+        "v1alpha1",
+        "IPPool",
+        "ippools",
+    );
     let pool = pools
         .get_opt("pool")
         .await
@@ -611,7 +638,11 @@ async fn a_deleted_pool_keeps_the_addresses_machines_hold() {
         let _ = api.delete(name, &DeleteParams::default()).await;
     }
     eventually(Duration::from_secs(30), "machines released", || async {
-        api.list(&ListParams::default()).await.unwrap().items.is_empty()
+        api.list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
     })
     .await;
     eventually(
@@ -676,7 +707,11 @@ async fn review(
     if state.allow || fast {
         Json(response.into_review())
     } else {
-        Json(response.deny("denied by a slow validating webhook").into_review())
+        Json(
+            response
+                .deny("denied by a slow validating webhook")
+                .into_review(),
+        )
     }
 }
 
@@ -724,8 +759,7 @@ impl Validator {
         ns: &str,
         (group, resource): (&str, &str),
         object_labels: Value,
-        failure_policy: &str,
-        timeout_seconds: i32,
+        (failure_policy, timeout_seconds): (&str, i32),
     ) {
         let config: ValidatingWebhookConfiguration = serde_json::from_value(json!({
             "metadata": {"name": name},
@@ -798,8 +832,7 @@ async fn a_create_held_in_admission_past_the_grace_keeps_its_claim() {
         &e.ns,
         ("infrastructure.cluster.x-k8s.io", "elfmachines"),
         json!({"never-twice.test/slow": "yes"}),
-        "Ignore",
-        10,
+        ("Ignore", 10),
     )
     .await;
     let slow_machine = |name: &str, probe: bool| {
@@ -842,8 +875,11 @@ async fn a_create_held_in_admission_past_the_grace_keeps_its_claim() {
     assert_eq!(a, e.ip(10));
 
     past_grace().await;
-    e.assert_held(&a, "past the grace, the address of the machine that waited in admission")
-        .await;
+    e.assert_held(
+        &a,
+        "past the grace, the address of the machine that waited in admission",
+    )
+    .await;
     e.new_machine_avoids("second", &[&a]).await;
     e.assert_never_twice("after a second machine").await;
     unregister(&e.client, &config).await;
@@ -913,7 +949,14 @@ async fn add_metal3_finalizer(claims: &Api<DynamicObject>, name: &str) -> bool {
 async fn claims_held_terminating_by_metal3s_finalizer_are_released() {
     let _shared = CONTROLLERS.read().await;
     let e = env("nt-metal3fin", 48).await;
-    let claims = dynamic(&e.client, &e.ns, "ipam.metal3.io", "v1alpha1", "IPClaim", "ipclaims");
+    let claims = dynamic(
+        &e.client,
+        &e.ns,
+        "ipam.metal3.io",
+        "v1alpha1",
+        "IPClaim",
+        "ipclaims",
+    );
     deny_later_in_admission(&e.client, &e.ns).await;
 
     // (1) A denied create leaves a claim; metal3's finalizer is added and the claim deleted
@@ -963,7 +1006,9 @@ async fn claims_held_terminating_by_metal3s_finalizer_are_released() {
         || async {
             let claims = e.claims().await;
             let addresses = e.addresses().await;
-            !claims.iter().any(|c| c["metadata"]["name"] == json!(orphan))
+            !claims
+                .iter()
+                .any(|c| c["metadata"]["name"] == json!(orphan))
                 && !addresses
                     .iter()
                     .any(|a| a["metadata"]["name"] == orphan_address)
@@ -976,9 +1021,15 @@ async fn claims_held_terminating_by_metal3s_finalizer_are_released() {
     let m = e.machine("kept", json!([{"networkType": "IPV4"}])).await;
     let a = ips(&m)[0].clone();
     let address = e.address_of(&a).await.expect("its IPAddress");
-    let claim = address["spec"]["claim"]["name"].as_str().unwrap().to_string();
+    let claim = address["spec"]["claim"]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert!(add_metal3_finalizer(&claims, &claim).await);
-    claims.delete(&claim, &DeleteParams::default()).await.unwrap();
+    claims
+        .delete(&claim, &DeleteParams::default())
+        .await
+        .unwrap();
     past_grace().await;
     e.new_machine_avoids("other", &[&a]).await;
     e.assert_never_twice("beside a Terminating claim").await;
@@ -1053,11 +1104,17 @@ async fn an_address_reserved_by_a_cancelled_request_is_offered_again() {
         &e.ns,
         ("ipam.metal3.io", "ipaddresses"),
         json!({}),
-        "Fail",
-        15,
+        ("Fail", 15),
     )
     .await;
-    let addresses = dynamic(&e.client, &e.ns, "ipam.metal3.io", "v1alpha1", "IPAddress", "ipaddresses");
+    let addresses = dynamic(
+        &e.client,
+        &e.ns,
+        "ipam.metal3.io",
+        "v1alpha1",
+        "IPAddress",
+        "ipaddresses",
+    );
     slow.wait_until_called(|| {
         let addresses = addresses.clone();
         let probe: DynamicObject = serde_json::from_value(json!({

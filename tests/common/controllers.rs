@@ -145,7 +145,12 @@ impl ControllerManager {
             .await
             .expect("creating the garbage collector's canary");
         let t0 = Instant::now();
-        while api.get_opt("gc-canary").await.expect("reading canary").is_some() {
+        while api
+            .get_opt("gc-canary")
+            .await
+            .expect("reading canary")
+            .is_some()
+        {
             self.assert_running();
             assert!(
                 t0.elapsed() < GC_READY_TIMEOUT,
