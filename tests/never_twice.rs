@@ -25,7 +25,9 @@ use common::controllers;
 use common::controlplane::{ControlPlane, CrdSet, shared, temp_namespace};
 use common::util::{eventually, objects, setup, wait_for_pool};
 use common::webhook::{self, Webhook, WebhookOptions, capi_machine, create, dynamic, machines};
-use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
@@ -60,6 +62,10 @@ struct Env {
 }
 
 async fn env(prefix: &str, subnet: u8) -> Env {
+    env_with(prefix, subnet, GRACE).await
+}
+
+async fn env_with(prefix: &str, subnet: u8, claim_grace: Duration) -> Env {
     let cp = shared(CrdSet::Current);
     let client = cp.client().await;
     let ns = temp_namespace(&client, prefix).await;
@@ -67,7 +73,7 @@ async fn env(prefix: &str, subnet: u8) -> Env {
         &client,
         &ns,
         WebhookOptions {
-            claim_grace: GRACE,
+            claim_grace,
             resync: RESYNC,
             ..Default::default()
         },
@@ -750,38 +756,39 @@ impl Validator {
         }
     }
 
-    /// Registers this server as a validating webhook for CREATEs of `group`/`resource` in
-    /// `ns`, for objects matching `object_labels`.
-    async fn register(
-        &self,
-        client: &Client,
-        name: &str,
-        ns: &str,
-        (group, resource): (&str, &str),
-        object_labels: Value,
-        (failure_policy, timeout_seconds): (&str, i32),
-    ) {
-        let config: ValidatingWebhookConfiguration = serde_json::from_value(json!({
-            "metadata": {"name": name},
-            "webhooks": [{
-                "name": "slow.never-twice.test",
-                "admissionReviewVersions": ["v1"],
-                "clientConfig": {"url": format!("https://{}/validate", self.addr),
-                                 "caBundle": k8s_openapi::ByteString(self.ca_pem.as_bytes().to_vec())},
-                "rules": [{"apiGroups": [group], "apiVersions": ["*"], "operations": ["CREATE"],
-                           "resources": [resource], "scope": "Namespaced"}],
-                "failurePolicy": failure_policy,
-                "sideEffects": "None",
-                "timeoutSeconds": timeout_seconds,
-                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
-                "objectSelector": {"matchLabels": object_labels},
-            }]
-        }))
-        .unwrap();
-        Api::<ValidatingWebhookConfiguration>::all(client.clone())
-            .create(&PostParams::default(), &config)
-            .await
-            .unwrap();
+    /// Registers this server as a webhook.
+    async fn register(&self, client: &Client, hook: Registration<'_>) {
+        let webhook = json!({
+            "name": "slow.never-twice.test",
+            "admissionReviewVersions": ["v1"],
+            "clientConfig": {"url": format!("https://{}/validate", self.addr),
+                             "caBundle": k8s_openapi::ByteString(self.ca_pem.as_bytes().to_vec())},
+            "rules": [{"apiGroups": [hook.group], "apiVersions": ["*"], "operations": ["CREATE"],
+                       "resources": [hook.resource], "scope": "Namespaced"}],
+            "failurePolicy": hook.failure_policy,
+            "sideEffects": "None",
+            "timeoutSeconds": hook.timeout_seconds,
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": hook.namespace}},
+            "objectSelector": {"matchLabels": hook.object_labels},
+        });
+        let config = json!({"metadata": {"name": hook.name}, "webhooks": [webhook]});
+        if hook.mutating {
+            Api::<MutatingWebhookConfiguration>::all(client.clone())
+                .create(
+                    &PostParams::default(),
+                    &serde_json::from_value(config).unwrap(),
+                )
+                .await
+                .unwrap();
+        } else {
+            Api::<ValidatingWebhookConfiguration>::all(client.clone())
+                .create(
+                    &PostParams::default(),
+                    &serde_json::from_value(config).unwrap(),
+                )
+                .await
+                .unwrap();
+        }
     }
 
     /// Waits until the apiserver calls us: `probe` (a dry-run create of an object this
@@ -806,8 +813,24 @@ impl Validator {
     }
 }
 
+/// Where [`Validator::register`] registers a server: CREATEs of `group`/`resource` in
+/// `namespace`, objects matching `object_labels`.
+struct Registration<'a> {
+    name: &'a str,
+    mutating: bool,
+    namespace: &'a str,
+    group: &'a str,
+    resource: &'a str,
+    object_labels: Value,
+    failure_policy: &'a str,
+    timeout_seconds: i32,
+}
+
 async fn unregister(client: &Client, name: &str) {
     let _ = Api::<ValidatingWebhookConfiguration>::all(client.clone())
+        .delete(name, &DeleteParams::default())
+        .await;
+    let _ = Api::<MutatingWebhookConfiguration>::all(client.clone())
         .delete(name, &DeleteParams::default())
         .await;
 }
@@ -816,25 +839,101 @@ async fn unregister(client: &Client, name: &str) {
 // 3. Grace that cannot catch a create in flight.
 // ---------------------------------------------------------------------------------------
 
-/// A validating webhook (failurePolicy Ignore, timeoutSeconds 10) answers only after its
-/// timeout: the create spends longer in admission after our webhook wrote its claim than
-/// the claim grace. The machine is stored with its address, and past the grace its claim
-/// and address still exist and a second machine gets another address.
-#[tokio::test]
-async fn a_create_held_in_admission_past_the_grace_keeps_its_claim() {
-    let _shared = CONTROLLERS.read().await;
-    let e = env("nt-inflight", 47).await;
-    let slow = Validator::start(Duration::from_secs(12), true).await;
-    let config = format!("never-twice-slow-{}", e.ns);
-    slow.register(
-        &e.client,
-        &config,
-        &e.ns,
-        ("infrastructure.cluster.x-k8s.io", "elfmachines"),
-        json!({"never-twice.test/slow": "yes"}),
-        ("Ignore", 10),
+/// Runs `cape-static-ip serve --claim-grace <grace>` with no cluster to reach: it exits at
+/// once, refusing the grace or failing to connect.
+fn serve_with_grace(grace: &str) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cape-static-ip"))
+        .args(["serve", "--claim-grace", grace])
+        .args(["--tls-cert-file", "/nonexistent/tls.crt"])
+        .args(["--tls-key-file", "/nonexistent/tls.key"])
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .env("KUBECONFIG", "/nonexistent/kubeconfig")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .output()
+        .expect("running cape-static-ip");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
     )
-    .await;
+}
+
+/// The shortest `--claim-grace` the binary accepts with the apiserver's default request
+/// timeout, read from its refusal of one second ("... use at least <duration>").
+fn shortest_accepted_grace() -> Duration {
+    let (_, text) = serve_with_grace("1s");
+    let at_least = text
+        .split("use at least ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("a claim grace of 1s was not refused:\n{text}"));
+    let value = at_least.lines().next().unwrap_or_default().trim();
+    humantime::parse_duration(value)
+        .unwrap_or_else(|e| panic!("reading {value:?} from the refusal: {e}\n{text}"))
+}
+
+/// No create stays in admission longer than the apiserver's request timeout (60 s by
+/// default): a claim grace of 60 s is refused, the message naming the flag.
+#[test]
+fn the_claim_grace_must_exceed_the_apiservers_request_timeout() {
+    let (ok, text) = serve_with_grace("60s");
+    assert!(
+        !ok && text.contains("--claim-grace") && text.contains("too short"),
+        "a claim grace of 60s was not refused:\n{text}"
+    );
+}
+
+/// A create held in admission almost as long as the apiserver allows (its default request
+/// timeout, 60 s): after our webhook wrote the claim, a second mutating webhook answers after
+/// 22 s and a validating webhook (failurePolicy Ignore) only at its timeout, 30 s. Our
+/// webhook runs with the shortest claim grace the binary accepts. The machine is stored with
+/// its address; past the grace its claim and address still exist, and a second machine gets
+/// another address.
+#[tokio::test]
+async fn a_create_held_in_admission_as_long_as_the_apiserver_allows_keeps_its_claim() {
+    // Every replica sweeps every namespace: none with a shorter grace may run meanwhile.
+    let _alone = CONTROLLERS.write().await;
+    let grace = shortest_accepted_grace();
+    let e = env_with("nt-inflight", 47, grace).await;
+    let mutator = Validator::start(Duration::from_secs(22), true).await;
+    let validator = Validator::start(Duration::from_secs(35), true).await;
+    let labels = json!({"never-twice.test/slow": "yes"});
+    // Mutating webhooks are called in the order of their configurations' names: ours
+    // (cape-static-ip-test-...) first, then this one.
+    let mutating = format!("zz-never-twice-slow-{}", e.ns);
+    let validating = format!("never-twice-slow-{}", e.ns);
+    mutator
+        .register(
+            &e.client,
+            Registration {
+                name: &mutating,
+                mutating: true,
+                namespace: &e.ns,
+                group: "infrastructure.cluster.x-k8s.io",
+                resource: "elfmachines",
+                object_labels: labels.clone(),
+                failure_policy: "Fail",
+                timeout_seconds: 30,
+            },
+        )
+        .await;
+    validator
+        .register(
+            &e.client,
+            Registration {
+                name: &validating,
+                mutating: false,
+                namespace: &e.ns,
+                group: "infrastructure.cluster.x-k8s.io",
+                resource: "elfmachines",
+                object_labels: labels,
+                failure_policy: "Ignore",
+                timeout_seconds: 30,
+            },
+        )
+        .await;
     let slow_machine = |name: &str, probe: bool| {
         let mut m = capi_machine(name, "tpl", json!([{"networkType": "IPV4"}]));
         m["metadata"]["labels"]["never-twice.test/slow"] = json!("yes");
@@ -844,7 +943,7 @@ async fn a_create_held_in_admission_past_the_grace_keeps_its_claim() {
         serde_json::from_value::<DynamicObject>(m).unwrap()
     };
     let api = machines(&e.client, &e.ns);
-    slow.wait_until_called(|| {
+    let probe = || {
         let api = api.clone();
         let probe = slow_machine("probe", true);
         async move {
@@ -854,36 +953,43 @@ async fn a_create_held_in_admission_past_the_grace_keeps_its_claim() {
             };
             let _ = api.create(&dry, &probe).await;
         }
-    })
-    .await;
+    };
+    mutator.wait_until_called(probe).await;
+    validator.wait_until_called(probe).await;
 
     let t0 = Instant::now();
     let m = api
         .create(&PostParams::default(), &slow_machine("slow", false))
         .await
-        .expect("the slow create is stored (the validating webhook's failure is ignored)");
+        .expect("the slow create is stored");
     let in_admission = t0.elapsed();
     assert!(
-        slow.state.calls.load(Ordering::SeqCst) >= 1,
-        "the slow webhook was not called"
+        mutator.state.calls.load(Ordering::SeqCst) >= 1
+            && validator.state.calls.load(Ordering::SeqCst) >= 1,
+        "the slow webhooks were not called"
     );
     assert!(
-        in_admission > GRACE + Duration::from_secs(2),
-        "precondition: the create took {in_admission:?} in admission, not longer than the grace"
+        in_admission >= Duration::from_secs(45),
+        "precondition: the create was to be held in admission for about 52 s, not {in_admission:?}"
     );
     let a = ips(&serde_json::to_value(&m).unwrap())[0].clone();
     assert_eq!(a, e.ip(10));
 
-    past_grace().await;
+    // Past the grace, counted from before the claim was written.
+    tokio::time::sleep((t0 + grace + MARGIN).saturating_duration_since(Instant::now())).await;
     e.assert_held(
         &a,
-        "past the grace, the address of the machine that waited in admission",
+        &format!(
+            "{grace:?} (the claim grace) after the create started, the address of the machine that waited {in_admission:?} in admission"
+        ),
     )
     .await;
     e.new_machine_avoids("second", &[&a]).await;
     e.assert_never_twice("after a second machine").await;
-    unregister(&e.client, &config).await;
-    slow.stop();
+    unregister(&e.client, &mutating).await;
+    unregister(&e.client, &validating).await;
+    mutator.stop();
+    validator.stop();
     e.stop().await;
 }
 
@@ -1100,11 +1206,16 @@ async fn an_address_reserved_by_a_cancelled_request_is_offered_again() {
     let config = format!("never-twice-slow-address-{}", e.ns);
     slow.register(
         &e.client,
-        &config,
-        &e.ns,
-        ("ipam.metal3.io", "ipaddresses"),
-        json!({}),
-        ("Fail", 15),
+        Registration {
+            name: &config,
+            mutating: false,
+            namespace: &e.ns,
+            group: "ipam.metal3.io",
+            resource: "ipaddresses",
+            object_labels: json!({}),
+            failure_policy: "Fail",
+            timeout_seconds: 15,
+        },
     )
     .await;
     let addresses = dynamic(
