@@ -16,12 +16,14 @@ run: controlplane
 	@bash hack/run.sh
 
 ## test: lint, unit tests, then integration tests on a real kube-apiserver + etcd (and
-## metal3's IPAM controller), all built from their Go modules on first use.
+## metal3's IPAM controller and kube-controller-manager), all built from their Go modules on
+## first use.
 test: controlplane
 	@python3 -c 'import yaml' 2>/dev/null || python3 -m pip install --quiet pyyaml
 	@bash hack/controlplane/build.sh --metal3 >/dev/null
 	@bash hack/controlplane/build.sh --promtool >/dev/null
 	@bash hack/controlplane/build.sh --clusterctl >/dev/null
+	@bash hack/controlplane/build.sh --controller-manager >/dev/null
 	cargo fmt --all -- --check
 	cargo clippy --all-targets -- -D warnings
 	cargo test --lib --bins --tests -- --test-threads=4
