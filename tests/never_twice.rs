@@ -874,22 +874,23 @@ fn shortest_accepted_grace() -> Duration {
         .unwrap_or_else(|e| panic!("reading {value:?} from the refusal: {e}\n{text}"))
 }
 
-/// No create stays in admission longer than the apiserver's request timeout (60 s by
-/// default): a claim grace of 60 s is refused, the message naming the flag.
+/// No create stays in admission longer than the apiserver allows: k8s.io/apiserver's create
+/// handler caps it at 34 s (`requestTimeoutUpperBound`), less when `--request-timeout` is
+/// lower. A claim grace of 34 s is refused, the message naming the flag.
 #[test]
 fn the_claim_grace_must_exceed_the_apiservers_request_timeout() {
-    let (ok, text) = serve_with_grace("60s");
+    let (ok, text) = serve_with_grace("34s");
     assert!(
         !ok && text.contains("--claim-grace") && text.contains("too short"),
-        "a claim grace of 60s was not refused:\n{text}"
+        "a claim grace of 34s was not refused:\n{text}"
     );
 }
 
-/// A create held in admission almost as long as the apiserver allows (its default request
-/// timeout, 60 s): after our webhook wrote the claim, a second mutating webhook answers after
-/// 22 s and a validating webhook (failurePolicy Ignore) only at its timeout, 30 s. Our
-/// webhook runs with the shortest claim grace the binary accepts. The machine is stored with
-/// its address; past the grace its claim and address still exist, and a second machine gets
+/// A create held in admission almost as long as the apiserver allows (34 s, the create
+/// handler's cap): after our webhook wrote the claim, a second mutating webhook answers after
+/// 16 s and a validating webhook (failurePolicy Ignore) only at its timeout, 16 s. Our webhook
+/// runs with the shortest claim grace the binary accepts. The machine is stored with its
+/// address; past the grace its claim and address still exist, and a second machine gets
 /// another address.
 #[tokio::test]
 async fn a_create_held_in_admission_as_long_as_the_apiserver_allows_keeps_its_claim() {
@@ -897,8 +898,8 @@ async fn a_create_held_in_admission_as_long_as_the_apiserver_allows_keeps_its_cl
     let _alone = CONTROLLERS.write().await;
     let grace = shortest_accepted_grace();
     let e = env_with("nt-inflight", 47, grace).await;
-    let mutator = Validator::start(Duration::from_secs(22), true).await;
-    let validator = Validator::start(Duration::from_secs(35), true).await;
+    let mutator = Validator::start(Duration::from_secs(16), true).await;
+    let validator = Validator::start(Duration::from_secs(20), true).await;
     let labels = json!({"never-twice.test/slow": "yes"});
     // Mutating webhooks are called in the order of their configurations' names: ours
     // (cape-static-ip-test-...) first, then this one.
@@ -915,7 +916,7 @@ async fn a_create_held_in_admission_as_long_as_the_apiserver_allows_keeps_its_cl
                 resource: "elfmachines",
                 object_labels: labels.clone(),
                 failure_policy: "Fail",
-                timeout_seconds: 30,
+                timeout_seconds: 20,
             },
         )
         .await;
@@ -930,7 +931,7 @@ async fn a_create_held_in_admission_as_long_as_the_apiserver_allows_keeps_its_cl
                 resource: "elfmachines",
                 object_labels: labels,
                 failure_policy: "Ignore",
-                timeout_seconds: 30,
+                timeout_seconds: 16,
             },
         )
         .await;
@@ -969,8 +970,8 @@ async fn a_create_held_in_admission_as_long_as_the_apiserver_allows_keeps_its_cl
         "the slow webhooks were not called"
     );
     assert!(
-        in_admission >= Duration::from_secs(45),
-        "precondition: the create was to be held in admission for about 52 s, not {in_admission:?}"
+        in_admission >= Duration::from_secs(31),
+        "precondition: the create was to be held in admission for about 32 s, not {in_admission:?}"
     );
     let a = ips(&serde_json::to_value(&m).unwrap())[0].clone();
     assert_eq!(a, e.ip(10));
@@ -1046,28 +1047,10 @@ async fn add_metal3_finalizer(claims: &Api<DynamicObject>, name: &str) -> bool {
     }
 }
 
-/// Claims held Terminating by metal3's finalizer while metal3's controller does not run:
-/// (1) the claim of a create denied later in admission, deleted by hand: past the grace it is
-/// gone with its address; (2) the claim of a live machine, deleted by hand: the machine's
-/// address is not handed out again, and once the machine is deleted the claim and its
-/// address are gone.
-#[tokio::test]
-async fn claims_held_terminating_by_metal3s_finalizer_are_released() {
-    let _shared = CONTROLLERS.read().await;
-    let e = env("nt-metal3fin", 48).await;
-    let claims = dynamic(
-        &e.client,
-        &e.ns,
-        "ipam.metal3.io",
-        "v1alpha1",
-        "IPClaim",
-        "ipclaims",
-    );
-    deny_later_in_admission(&e.client, &e.ns).await;
-
-    // (1) A denied create leaves a claim; metal3's finalizer is added and the claim deleted
-    // before the grace passes (retried if some replica's sweep got there first).
-    let mut orphan = None;
+/// A create denied later in admission leaves a claim; metal3's finalizer is added to it and
+/// it is deleted by hand before the grace passes (retried when some replica's sweep got there
+/// first). Needs [`deny_later_in_admission`]. Returns the claim's name and its address's.
+async fn terminating_orphan_claim(e: &Env, claims: &Api<DynamicObject>) -> (String, Value) {
     for i in 0..200 {
         let name = format!("denied-{i}");
         let mut m = capi_machine(&name, "tpl", json!([{"networkType": "IPV4"}]));
@@ -1095,17 +1078,39 @@ async fn claims_held_terminating_by_metal3s_finalizer_are_released() {
             continue;
         };
         let claim_name = claim["metadata"]["name"].as_str().unwrap().to_string();
-        if !add_metal3_finalizer(&claims, &claim_name).await {
+        if !add_metal3_finalizer(claims, &claim_name).await {
             continue;
         }
         claims
             .delete(&claim_name, &DeleteParams::default())
             .await
             .unwrap();
-        orphan = Some((claim_name, claim["status"]["address"]["name"].clone()));
-        break;
+        return (claim_name, claim["status"]["address"]["name"].clone());
     }
-    let (orphan, orphan_address) = orphan.expect("no denied create left a claim to mark");
+    panic!("no create denied later left a claim to mark");
+}
+
+/// Claims held Terminating by metal3's finalizer while metal3's controller does not run:
+/// (1) the claim of a create denied later in admission, deleted by hand: past the grace it is
+/// gone with its address; (2) the claim of a live machine, deleted by hand: the machine's
+/// address is not handed out again, and once the machine is deleted the claim and its
+/// address are gone.
+#[tokio::test]
+async fn claims_held_terminating_by_metal3s_finalizer_are_released() {
+    let _shared = CONTROLLERS.read().await;
+    let e = env("nt-metal3fin", 48).await;
+    let claims = dynamic(
+        &e.client,
+        &e.ns,
+        "ipam.metal3.io",
+        "v1alpha1",
+        "IPClaim",
+        "ipclaims",
+    );
+    deny_later_in_admission(&e.client, &e.ns).await;
+
+    // (1) A denied create leaves a claim, which is then held Terminating.
+    let (orphan, orphan_address) = terminating_orphan_claim(&e, &claims).await;
     eventually(
         GRACE + Duration::from_secs(30),
         "the Terminating claim of a machine that never existed is gone with its address",
@@ -1274,5 +1279,52 @@ async fn an_address_reserved_by_a_cancelled_request_is_offered_again() {
     .unwrap_or_else(|err| panic!("the only address of the pool was not offered again: {err}"));
     assert_eq!(ips(&serde_json::to_value(next).unwrap()), [e.ip(10)]);
     slow.stop();
+    e.stop().await;
+}
+
+/// A namespace whose claims metal3's finalizer holds (metal3's controller does not run)
+/// finishes deleting, with kube-controller-manager's namespace controller running: a live
+/// machine's claim, and the claim of a create denied later in admission (deleted by hand).
+#[tokio::test]
+async fn a_namespace_with_claims_held_by_metal3s_finalizer_finishes_deleting() {
+    let _shared = CONTROLLERS.read().await;
+    let e = env("nt-nsdelete", 50).await;
+    let claims = dynamic(
+        &e.client,
+        &e.ns,
+        "ipam.metal3.io",
+        "v1alpha1",
+        "IPClaim",
+        "ipclaims",
+    );
+    deny_later_in_admission(&e.client, &e.ns).await;
+    terminating_orphan_claim(&e, &claims).await;
+    let m = e.machine("kept", json!([{"networkType": "IPV4"}])).await;
+    let address = e.address_of(&ips(&m)[0]).await.expect("its IPAddress");
+    let claim = address["spec"]["claim"]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(add_metal3_finalizer(&claims, &claim).await);
+
+    let mut kcm = controllers::start(e.cp, &["namespace"]);
+    let namespaces = Api::<k8s_openapi::api::core::v1::Namespace>::all(e.client.clone());
+    namespaces
+        .delete(&e.ns, &DeleteParams::default())
+        .await
+        .unwrap();
+    let limit = Duration::from_secs(120);
+    let t0 = Instant::now();
+    while namespaces.get_opt(&e.ns).await.unwrap().is_some() {
+        kcm.assert_running();
+        assert!(
+            t0.elapsed() < limit,
+            "namespace {} still there {limit:?} after its deletion:\n{}",
+            e.ns,
+            e.dump().await
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    drop(kcm);
     e.stop().await;
 }
