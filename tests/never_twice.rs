@@ -627,8 +627,8 @@ async fn a_deleted_pool_keeps_the_addresses_machines_hold() {
         "{pool:#}"
     );
 
-    // GitOps re-applies the pool (a no-op while it is Terminating): a new machine does not get
-    // the address the holder carries (it may be denied while the pool is being deleted).
+    // A new machine does not get the address the holder carries (it may be denied while the
+    // pool is being deleted).
     let mut m = capi_machine("second", "tpl", json!([{"networkType": "IPV4"}]));
     m["metadata"]["ownerReferences"].take();
     let second = create(&e.client, &e.ns, m).await;
@@ -659,6 +659,79 @@ async fn a_deleted_pool_keeps_the_addresses_machines_hold() {
     .await;
     assert!(e.addresses().await.is_empty(), "{}", e.dump().await);
     drop(kcm);
+    e.stop().await;
+}
+
+/// Deletes every object of a metal3 kind in the namespace and strips its finalizers (after the
+/// delete, so that no controller adds one back), as someone forcing a cleanup does.
+async fn force_delete_all(e: &Env, kind: &str, plural: &str) {
+    let api = dynamic(&e.client, &e.ns, "ipam.metal3.io", "v1alpha1", kind, plural);
+    for o in api.list(&ListParams::default()).await.unwrap().items {
+        let name = o.metadata.name.clone().unwrap_or_default();
+        api.delete(&name, &DeleteParams::default()).await.unwrap();
+        match api
+            .patch(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+            )
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(err) => panic!("stripping the finalizers of {kind} {name}: {err}"),
+        }
+    }
+    eventually(
+        Duration::from_secs(10),
+        &format!("every {kind} gone"),
+        || {
+            let api = api.clone();
+            async move {
+                api.list(&ListParams::default())
+                    .await
+                    .unwrap()
+                    .items
+                    .is_empty()
+            }
+        },
+    )
+    .await;
+}
+
+/// Everything a machine's address rests on is pulled out by force: its claim and IPAddress
+/// deleted by hand, its pool deleted (finalizers stripped) and re-applied empty. The address
+/// the machine carries is still never given to another machine.
+#[tokio::test]
+async fn an_address_a_machine_carries_is_never_offered_even_without_its_objects() {
+    let _shared = CONTROLLERS.read().await;
+    let e = env("nt-forced", 51).await;
+    let m = e.machine("holder", json!([{"networkType": "IPV4"}])).await;
+    let a = ips(&m)[0].clone();
+    assert_eq!(a, e.ip(10));
+    force_delete_all(&e, "IPClaim", "ipclaims").await;
+    force_delete_all(&e, "IPAddress", "ipaddresses").await;
+    force_delete_all(&e, "IPPool", "ippools").await;
+    let spec = json!({"namePrefix": "pool", "prefix": 24,
+                      "pools": [{"start": e.ip(10), "end": e.ip(40)}]});
+    let pool = create(&e.client, &e.ns, webhook::pool("pool", spec, json!({})))
+        .await
+        .unwrap();
+    let uid = pool.metadata.uid.clone();
+    let key = kube::runtime::reflector::ObjectRef::new("pool").within(&e.ns);
+    eventually(
+        Duration::from_secs(10),
+        "the re-applied pool cached",
+        || {
+            let cached = e.hook.running.state.assigner.caches.pools.get(&key);
+            let fresh = cached.is_some_and(|p| p.metadata.uid == uid);
+            async move { fresh }
+        },
+    )
+    .await;
+
+    e.new_machine_avoids("next", &[&a]).await;
+    e.assert_never_twice("after a new machine").await;
     e.stop().await;
 }
 
