@@ -751,12 +751,13 @@ struct Slow {
     calls: AtomicUsize,
 }
 
-/// An HTTPS server answering AdmissionReviews: allowed (or denied) only after `delay`.
+/// An HTTPS server (tokio-rustls, hyper) answering AdmissionReviews: allowed (or denied) only
+/// after `delay`.
 struct Validator {
     addr: SocketAddr,
     ca_pem: String,
     state: Arc<Slow>,
-    handle: axum_server::Handle<SocketAddr>,
+    server: tokio::task::JoinHandle<()>,
 }
 
 async fn review(
@@ -797,12 +798,21 @@ async fn review(
 impl Validator {
     async fn start(delay: Duration, allow: bool) -> Validator {
         let certs = cape_static_ip::webhook::certs::generate(&["127.0.0.1".into()], 1).unwrap();
-        let tls = axum_server::tls_rustls::RustlsConfig::from_pem(
-            certs.cert.into_bytes(),
-            certs.key.into_bytes(),
-        )
-        .await
-        .unwrap();
+        let tls = {
+            use rustls::pki_types::pem::PemObject;
+            use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+            let chain: Vec<CertificateDer<'static>> =
+                CertificateDer::pem_slice_iter(certs.cert.as_bytes())
+                    .collect::<Result<_, _>>()
+                    .unwrap();
+            let key = PrivateKeyDer::from_pem_slice(certs.key.as_bytes()).unwrap();
+            let mut config = rustls::ServerConfig::builder()
+                .with_no_client_auth()
+                .with_single_cert(chain, key)
+                .unwrap();
+            config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+            tokio_rustls::TlsAcceptor::from(Arc::new(config))
+        };
         let state = Arc::new(Slow {
             delay,
             allow,
@@ -813,19 +823,31 @@ impl Validator {
         let router = Router::new()
             .route("/validate", post(review))
             .with_state(state.clone());
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let handle = axum_server::Handle::new();
-        let server = axum_server::from_tcp_rustls(listener, tls)
-            .unwrap()
-            .handle(handle.clone());
-        tokio::spawn(async move { server.serve(router.into_make_service()).await });
+        // TLS and HTTP/1 or HTTP/2 per connection, each on its own task; aborted with the
+        // accepting task's runtime at the end of the test.
+        let server = tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (tls, router) = (tls.clone(), router.clone());
+                tokio::spawn(async move {
+                    let Ok(stream) = tls.accept(tcp).await else {
+                        return;
+                    };
+                    let service = hyper_util::service::TowerToHyperService::new(router);
+                    let _ = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+                });
+            }
+        });
         Validator {
             addr,
             ca_pem: certs.ca_cert,
             state,
-            handle,
+            server,
         }
     }
 
@@ -882,7 +904,7 @@ impl Validator {
     }
 
     fn stop(self) {
-        self.handle.shutdown();
+        self.server.abort();
     }
 }
 
