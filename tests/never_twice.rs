@@ -586,6 +586,29 @@ async fn a_deleted_pool_keeps_the_addresses_machines_hold() {
     let a = ips(&holder)[0].clone();
     assert_eq!(a, e.ip(10));
 
+    let pools = dynamic(
+        &e.client,
+        &e.ns,
+        "ipam.metal3.io",
+        "v1alpha1",
+        "IPPool",
+        "ippools",
+    );
+    // A pool that holds our addresses carries our finalizer.
+    eventually(
+        Duration::from_secs(30),
+        "the pool holding an address carries our finalizer",
+        || async {
+            let pool = serde_json::to_value(pools.get("pool").await.unwrap()).unwrap();
+            pool["metadata"]["finalizers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|f| f == POOL_IN_USE_FINALIZER)
+        },
+    )
+    .await;
+
     let mut kcm = controllers::start(e.cp, &["garbagecollector"]);
     kcm.wait_for_garbage_collector(&e.client, &e.ns).await;
 
@@ -604,14 +627,6 @@ async fn a_deleted_pool_keeps_the_addresses_machines_hold() {
         "20 s after the pool was deleted, with the garbage collector running",
     )
     .await;
-    let pools = dynamic(
-        &e.client,
-        &e.ns,
-        "ipam.metal3.io",
-        "v1alpha1",
-        "IPPool",
-        "ippools",
-    );
     let pool = pools
         .get_opt("pool")
         .await
