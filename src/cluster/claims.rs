@@ -263,4 +263,29 @@ mod tests {
         cache.delete(&claim("a", "two", None));
         assert!(cache.is_empty());
     }
+
+    #[test]
+    fn age_is_this_replicas_own_and_never_read_from_timestamps() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        let cache = ClaimCache::default();
+        // As a replica whose clock runs an hour ahead of the apiserver's sees a claim created
+        // an instant ago: its creationTimestamp looks an hour old. It is young all the same.
+        let mut c = claim("a", "one", Some("a/m"));
+        c.metadata.creation_timestamp = Some(Time(
+            Timestamp::now() - std::time::Duration::from_secs(3600),
+        ));
+        c.metadata.resource_version = Some("1".into());
+        cache.apply(&c);
+        let seen = cache.get("a", "one").unwrap();
+        assert!(seen.unchanged_for() < std::time::Duration::from_secs(60));
+
+        // The same version again (a relist) keeps its age; a new version starts young again.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        cache.apply(&c);
+        let again = cache.get("a", "one").unwrap();
+        assert_eq!(again.since, seen.since);
+        c.metadata.resource_version = Some("2".into());
+        cache.apply(&c);
+        assert!(cache.get("a", "one").unwrap().since > seen.since);
+    }
 }
