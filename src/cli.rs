@@ -36,8 +36,9 @@ pub enum LogFormat {
 /// Flags of `serve`.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Address of the HTTPS webhook endpoint.
-    #[arg(long, env = "CAPE_STATIC_IP_LISTEN", default_value = "0.0.0.0:9443")]
+    /// Address of the HTTPS webhook endpoint. `[::]` is every address of both families
+    /// (IPv4-only nodes fall back to `0.0.0.0`).
+    #[arg(long, env = "CAPE_STATIC_IP_LISTEN", default_value = "[::]:9443")]
     pub listen: SocketAddr,
     /// Serving certificate (PEM); re-read when the file changes.
     #[arg(
@@ -53,12 +54,9 @@ pub struct ServeArgs {
         default_value = "/etc/cape-static-ip/tls/tls.key"
     )]
     pub tls_key_file: PathBuf,
-    /// Address of the plain-HTTP admin endpoint (/livez, /readyz, /metrics).
-    #[arg(
-        long,
-        env = "CAPE_STATIC_IP_ADMIN_LISTEN",
-        default_value = "0.0.0.0:8080"
-    )]
+    /// Address of the plain-HTTP admin endpoint (/livez, /readyz, /metrics). `[::]` is
+    /// every address of both families.
+    #[arg(long, env = "CAPE_STATIC_IP_ADMIN_LISTEN", default_value = "[::]:8080")]
     pub admin_listen: SocketAddr,
     /// Namespace searched for default pools after the machine's own.
     #[arg(
@@ -133,4 +131,23 @@ pub struct PoolsArgs {
     /// Only this namespace (default: all).
     #[arg(long, short = 'n', env = "CAPE_STATIC_IP_NAMESPACE")]
     pub namespace: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_endpoints_listen_on_every_address_of_both_families_by_default() {
+        let cli = Cli::try_parse_from(["cape-static-ip", "serve"]).unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("serve")
+        };
+        if std::env::var_os("CAPE_STATIC_IP_LISTEN").is_none() {
+            assert_eq!(args.listen, "[::]:9443".parse().unwrap());
+        }
+        if std::env::var_os("CAPE_STATIC_IP_ADMIN_LISTEN").is_none() {
+            assert_eq!(args.admin_listen, "[::]:8080".parse().unwrap());
+        }
+    }
 }

@@ -1,15 +1,19 @@
-//! Prometheus metrics, served on the admin port's `/metrics`.
+//! Prometheus metrics, served on the admin port's `/metrics`. Per-pool gauges are built
+//! from the address index on each scrape by a collector (nothing is cleared and refilled,
+//! so concurrent scrapes each see every pool).
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use kube::ResourceExt;
 
-use prometheus_client::encoding::{EncodeLabelSet, text::encode};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, text::encode};
+use prometheus_client::metrics::TypedMetric;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -39,6 +43,74 @@ pub struct PoolOnly {
     pub pool: String,
 }
 
+/// One pool's usage at scrape time.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PoolUsage {
+    /// `namespace/name` of the pool.
+    pub pool: String,
+    pub used: usize,
+    pub free: usize,
+    /// Released addresses kept out of use for `--reuse-delay` (counted in `used`).
+    pub cooling: usize,
+}
+
+/// One pool gauge: name, help, and its value in a [`PoolUsage`].
+type PoolGauge = (&'static str, &'static str, fn(&PoolUsage) -> usize);
+
+/// Where the pool gauges are read from at scrape time.
+type UsageSource = Arc<dyn Fn() -> Vec<PoolUsage> + Send + Sync>;
+
+/// Builds `pool_used_addresses`, `pool_free_addresses` and `pool_cooling_addresses` per scrape
+/// from one snapshot of the source: the gauges of a pool come from the same moment, and a
+/// scrape never sees a half-built family.
+#[derive(Clone, Default)]
+struct PoolCollector {
+    source: Arc<OnceLock<UsageSource>>,
+}
+
+impl std::fmt::Debug for PoolCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PoolCollector")
+            .field("source", &self.source.get().is_some())
+            .finish()
+    }
+}
+
+impl Collector for PoolCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let rows = self.source.get().map(|f| f()).unwrap_or_default();
+        let families: [PoolGauge; 3] = [
+            (
+                "pool_used_addresses",
+                "Addresses of a pool held by an IPAddress (as the watch cache sees them)",
+                |r| r.used,
+            ),
+            (
+                "pool_free_addresses",
+                "Addresses of a pool still free to allocate",
+                |r| r.free,
+            ),
+            (
+                "pool_cooling_addresses",
+                "released addresses kept out of use for --reuse-delay (counted as used), by pool",
+                |r| r.cooling,
+            ),
+        ];
+        for (name, help, value) in families {
+            let mut family =
+                encoder.encode_descriptor(name, help, None, ConstGauge::<i64>::TYPE)?;
+            for row in &rows {
+                let labels = PoolOnly {
+                    pool: row.pool.clone(),
+                };
+                let gauge = ConstGauge::new(i64::try_from(value(row)).unwrap_or(i64::MAX));
+                gauge.encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 fn review_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0005, 2.0, 16))
 }
@@ -51,9 +123,7 @@ pub struct Metrics {
     pub releases: Family<PoolLabels, Counter>,
     pub caches_synced: Gauge,
     pub certificate_expiry: Gauge,
-    pub pool_used: Family<PoolOnly, Gauge>,
-    pub pool_free: Family<PoolOnly, Gauge>,
-    pub pool_cooling: Family<PoolOnly, Gauge>,
+    pools: PoolCollector,
     pub release_waiting: ReleaseWaiting,
 }
 
@@ -67,24 +137,8 @@ impl Default for Metrics {
         let releases = Family::<PoolLabels, Counter>::default();
         let caches_synced = Gauge::default();
         let certificate_expiry = Gauge::default();
-        let pool_used = Family::<PoolOnly, Gauge>::default();
-        let pool_free = Family::<PoolOnly, Gauge>::default();
-        let pool_cooling = Family::<PoolOnly, Gauge>::default();
-        registry.register(
-            "pool_cooling_addresses",
-            "released addresses kept out of use for --reuse-delay (counted as used), by pool",
-            pool_cooling.clone(),
-        );
-        registry.register(
-            "pool_used_addresses",
-            "Addresses of a pool held by an IPAddress (as the watch cache sees them)",
-            pool_used.clone(),
-        );
-        registry.register(
-            "pool_free_addresses",
-            "Addresses of a pool still free to allocate",
-            pool_free.clone(),
-        );
+        let pools = PoolCollector::default();
+        registry.register_collector(Box::new(pools.clone()));
         registry.register(
             "admission_duration_seconds",
             "Time to answer an AdmissionReview",
@@ -123,15 +177,19 @@ impl Default for Metrics {
             releases,
             caches_synced,
             certificate_expiry,
-            pool_used,
-            pool_free,
-            pool_cooling,
+            pools,
             release_waiting,
         }
     }
 }
 
 impl Metrics {
+    /// Reads the pool gauges from `source` at every scrape (set once, when the caches
+    /// start; later calls are ignored). Without a source there are no pool series.
+    pub fn pools_from(&self, source: impl Fn() -> Vec<PoolUsage> + Send + Sync + 'static) {
+        let _ = self.pools.source.set(Arc::new(source));
+    }
+
     /// The text exposition format.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -286,5 +344,77 @@ mod tests {
         );
         m.release_waiting.observe(&[]);
         assert!(waiting_lines(&m).is_empty());
+    }
+
+    /// Every `pool_used_addresses` and `pool_free_addresses` series of one scrape.
+    fn pool_series(text: &str) -> (usize, usize) {
+        let used = text
+            .lines()
+            .filter(|l| l.starts_with("cape_static_ip_pool_used_addresses{"))
+            .count();
+        let free = text
+            .lines()
+            .filter(|l| l.starts_with("cape_static_ip_pool_free_addresses{"))
+            .count();
+        (used, free)
+    }
+
+    #[test]
+    fn pool_gauges_are_read_from_the_source_at_each_scrape() {
+        let metrics = Metrics::default();
+        assert_eq!(pool_series(&metrics.encode()), (0, 0));
+        let usage = |pool: &str, used, free, cooling| PoolUsage {
+            pool: pool.into(),
+            used,
+            free,
+            cooling,
+        };
+        let pools = Arc::new(std::sync::Mutex::new(vec![usage("ns/a", 3, 7, 1)]));
+        {
+            let pools = pools.clone();
+            metrics.pools_from(move || pools.lock().unwrap().clone());
+        }
+        let text = metrics.encode();
+        assert!(
+            text.contains("# TYPE cape_static_ip_pool_used_addresses gauge"),
+            "{text}"
+        );
+        assert!(text.contains(r#"cape_static_ip_pool_used_addresses{pool="ns/a"} 3"#));
+        assert!(text.contains(r#"cape_static_ip_pool_free_addresses{pool="ns/a"} 7"#));
+        assert!(text.contains(r#"cape_static_ip_pool_cooling_addresses{pool="ns/a"} 1"#));
+        // A deleted pool is gone from the next scrape, a new one appears.
+        *pools.lock().unwrap() = vec![usage("ns/b", 1, 0, 0)];
+        let text = metrics.encode();
+        assert!(!text.contains("ns/a"), "{text}");
+        assert!(text.contains(r#"cape_static_ip_pool_free_addresses{pool="ns/b"} 0"#));
+    }
+
+    #[test]
+    fn concurrent_scrapes_each_see_every_pool() {
+        const POOLS: usize = 50;
+        let metrics = Arc::new(Metrics::default());
+        metrics.pools_from(|| {
+            (0..POOLS)
+                .map(|i| PoolUsage {
+                    pool: format!("ns/pool-{i}"),
+                    used: i,
+                    free: POOLS - i,
+                    cooling: 0,
+                })
+                .collect()
+        });
+        let scrapers: Vec<_> = (0..8)
+            .map(|_| {
+                let metrics = metrics.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..200 {
+                        assert_eq!(pool_series(&metrics.encode()), (POOLS, POOLS));
+                    }
+                })
+            })
+            .collect();
+        for s in scrapers {
+            s.join().expect("a scrape saw every pool");
+        }
     }
 }

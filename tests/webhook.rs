@@ -425,3 +425,195 @@ async fn shutdown_turns_not_ready_keeps_answering_for_the_delay_then_stops() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test]
+async fn the_webhook_serves_reviews_on_the_ipv6_loopback() {
+    let cp = shared(CrdSet::Current);
+    let client = cp.client().await;
+    let ns = temp_namespace(&client, "ipv6").await;
+    // Both endpoints on [::1]; the apiserver calls https://[::1]:port (the certificate has an
+    // IP SAN ::1). start() returns once the apiserver has reached it there.
+    let hook = webhook::start(
+        &client,
+        &ns,
+        WebhookOptions {
+            listen_ip: std::net::Ipv6Addr::LOCALHOST.into(),
+            background: false,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(hook.running.webhook_addr.ip().to_string(), "::1");
+    assert_eq!(hook.running.admin_addr.ip().to_string(), "::1");
+
+    create(
+        &client,
+        &ns,
+        pool(
+            "v6",
+            json!({"namePrefix": "v6", "pools": [{"start": "10.6.0.10", "end": "10.6.0.20"}], "prefix": 24}),
+            json!({}),
+        ),
+    )
+    .await
+    .unwrap();
+    create(
+        &client,
+        &ns,
+        template("tpl", json!({"cluster.x-k8s.io/ip-pool-name": "v6"})),
+    )
+    .await
+    .unwrap();
+    wait_for_pool(&hook, &ns, "v6").await;
+    let created = create(
+        &client,
+        &ns,
+        capi_machine("m-v6", "tpl", json!([{"networkType": "IPV4"}])),
+    )
+    .await
+    .unwrap();
+    let m = serde_json::to_value(&created).unwrap();
+    assert_eq!(
+        m["spec"]["network"]["devices"][0]["ipAddrs"],
+        json!(["10.6.0.10"]),
+        "{m:#}"
+    );
+    let admin = format!("http://{}", hook.running.admin_addr);
+    assert_eq!(
+        admin,
+        format!("http://[::1]:{}", hook.running.admin_addr.port())
+    );
+    let ready = reqwest::get(format!("{admin}/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 200);
+    hook.stop().await;
+}
+
+/// `kubectl describe` as the admin, with the kubectl built by hack/controlplane/build.sh.
+fn kubectl_describe(cp: &common::controlplane::ControlPlane, args: &[&str]) -> String {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let print = std::process::Command::new("bash")
+        .arg(root.join("hack/controlplane/build.sh"))
+        .arg("--print")
+        .output()
+        .unwrap();
+    let kubectl = String::from_utf8(print.stdout)
+        .unwrap()
+        .lines()
+        .find(|l| l.ends_with("/kubectl"))
+        .expect("build.sh --print names kubectl")
+        .to_owned();
+    let out = std::process::Command::new(kubectl)
+        .arg("--kubeconfig")
+        .arg(cp.kubeconfig())
+        .arg("describe")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn every_note_published_is_what_kubectl_describe_shows() {
+    use cape_static_ip::events::{Events, Note, Publisher, pool_ref};
+    let cp = shared(CrdSet::Current);
+    let client = cp.client().await;
+    let ns = temp_namespace(&client, "events").await;
+    let created = create(
+        &client,
+        &ns,
+        pool(
+            "evp",
+            json!({"namePrefix": "evp", "pools": [{"start": "10.7.0.1", "end": "10.7.0.99"}], "prefix": 24}),
+            json!({}),
+        ),
+    )
+    .await
+    .unwrap();
+    let regarding = pool_ref(&ns, "evp", created.metadata.uid.clone());
+    // As the webhook's user: the shipped ClusterRole lets it create and patch Events.
+    let webhook_client = cp.client_as_webhook_user().await;
+    let note = |message: String| Note {
+        regarding: regarding.clone(),
+        warning: false,
+        reason: "Allocated",
+        action: "Allocate",
+        message,
+    };
+
+    // Through the queue: 12 allocations in a burst, however they get folded (all fit in one
+    // event's 1 kB note), each address must reach `kubectl describe` (kube-runtime's recorder
+    // kept the first note and only counted the others).
+    let mut tasks = tokio::task::JoinSet::new();
+    let events = Events::start(webhook_client.clone(), &mut tasks);
+    let addresses: Vec<String> = (1..=12).map(|i| format!("10.7.0.{i}")).collect();
+    for a in &addresses {
+        events.emit(note(format!("{a} to ElfMachine {ns}/m-{a}")));
+        // Let the publisher take some alone and fold the rest: several events.
+        tokio::task::yield_now().await;
+    }
+    let mut described = String::new();
+    for _ in 0..100 {
+        described = kubectl_describe(cp, &["ippool", "evp", "-n", &ns]);
+        if addresses
+            .iter()
+            .all(|a| described.contains(&format!("{a} to ElfMachine")))
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    for a in &addresses {
+        assert!(
+            described.contains(&format!("{a} to ElfMachine {ns}/m-{a}")),
+            "{a} is not in kubectl describe:\n{described}"
+        );
+    }
+    eprintln!("kubectl describe ippool evp (burst):\n{described}");
+    tasks.shutdown().await;
+
+    // Published directly: two different folded notes are two events, each with its text; the
+    // very same note again is counted (x2) on its event.
+    let mut publisher = Publisher::new(webhook_client, "cape-static-ip-test-0".into());
+    let first =
+        note("2 times: 10.7.0.50 to ElfMachine a/m-50; 10.7.0.51 to ElfMachine a/m-51".into());
+    let second = note("3 times: 10.7.0.60 to ElfMachine a/m-60; 10.7.0.61 to ElfMachine a/m-61; 10.7.0.62 to ElfMachine a/m-62".into());
+    publisher.publish(&first).await.unwrap();
+    publisher.publish(&second).await.unwrap();
+    publisher.publish(&second).await.unwrap();
+    let described = kubectl_describe(cp, &["ippool", "evp", "-n", &ns]);
+    eprintln!("kubectl describe ippool evp (published):\n{described}");
+    let line = |text: &str| {
+        described
+            .lines()
+            .find(|l| l.contains(text))
+            .unwrap_or_else(|| panic!("{text:?} is not in kubectl describe:\n{described}"))
+            .to_owned()
+    };
+    let first_line = line(&first.message);
+    let second_line = line(&second.message);
+    assert!(!first_line.contains("(x"), "{first_line}");
+    assert!(second_line.contains("(x2 over"), "{second_line}");
+    assert!(second_line.contains("Allocated"), "{second_line}");
+    let events: kube::Api<k8s_openapi::api::events::v1::Event> =
+        kube::Api::namespaced(client.clone(), &ns);
+    let listed = events.list(&Default::default()).await.unwrap().items;
+    let mine: Vec<_> = listed
+        .iter()
+        .filter(|e| e.reporting_instance.as_deref() == Some("cape-static-ip-test-0"))
+        .collect();
+    assert_eq!(mine.len(), 2, "one Event per distinct note");
+    let repeated = mine
+        .iter()
+        .find(|e| e.note.as_deref() == Some(second.message.as_str()))
+        .unwrap();
+    assert_eq!(repeated.series.as_ref().map(|s| s.count), Some(2));
+    assert_eq!(
+        repeated.reporting_controller.as_deref(),
+        Some("cape-static-ip")
+    );
+}

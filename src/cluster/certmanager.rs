@@ -129,6 +129,10 @@ pub struct CertificatePrivateKey {
     /// Bits: 2048/4096/8192 for RSA, 256/384/521 for ECDSA.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<i64>,
+    /// `Always` (a new key at every issuance; the default from cert-manager 1.18) or `Never`
+    /// (the default before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation_policy: Option<String>,
 }
 
 impl IssuerRef {

@@ -17,7 +17,7 @@ use crate::cli::{LogFormat, ServeArgs};
 use crate::cluster::cache::Caches;
 use crate::events::Events;
 use crate::lifecycle::{Lifecycle, LifecycleOptions};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, PoolUsage};
 use crate::webhook::listener::{Limits, Server};
 use crate::webhook::server::{AppState, ReviewLimits, admin_router, webhook_router};
 use crate::webhook::tls::ReloadingCert;
@@ -87,6 +87,22 @@ pub async fn start(client: Client, options: Options) -> anyhow::Result<Running> 
     let metrics = Arc::new(Metrics::default());
     let mut tasks = JoinSet::new();
     let caches = Caches::start(&client, &mut tasks);
+    {
+        let index = caches.index.clone();
+        metrics.pools_from(move || {
+            let cooling = index.cooling();
+            index
+                .usage()
+                .into_iter()
+                .map(|(pool, used, free)| PoolUsage {
+                    cooling: cooling.get(&pool).copied().unwrap_or(0),
+                    pool: pool.to_string(),
+                    used,
+                    free,
+                })
+                .collect()
+        });
+    }
     let events = Events::start(client.clone(), &mut tasks);
     let assigner = Assigner {
         client: client.clone(),

@@ -111,8 +111,12 @@ fn sign_leaf(
     Ok((cert.pem(), key.serialize_pem()))
 }
 
-/// Writes `ca.crt`, `ca.key`, `tls.crt` and `tls.key` into `dir` (keys readable by the
-/// owner only).
+/// Writes `ca.crt`, `ca.key`, `tls.crt` and `tls.key` into `dir`. Each file is first
+/// written to a new temporary file, created exclusively (`create_new`) with its final mode
+/// (0600 for keys, 0644 for certificates): a key is never readable by others, not even for
+/// a moment, and a file planted in its place is never written through. The temporary file
+/// is then renamed over the target, so a server reading `dir` sees the old file or the new
+/// one, never half of one.
 pub fn write(dir: &Path, certs: &DevCerts) -> Result<(), CertsError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
@@ -126,16 +130,31 @@ pub fn write(dir: &Path, certs: &DevCerts) -> Result<(), CertsError> {
         ("tls.key", &certs.key, true),
     ] {
         let path = dir.join(name);
-        let tmp = dir.join(format!(".{name}.tmp"));
-        std::fs::write(&tmp, content).map_err(io(&tmp))?;
-        if secret {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
-                .map_err(io(&tmp))?;
+        let tmp = dir.join(format!(".{name}.{:016x}.tmp", rand::random::<u64>()));
+        let mode = if secret { 0o600 } else { 0o644 };
+        if let Err(e) = write_new(&tmp, content.as_bytes(), mode) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(io(&tmp)(e));
         }
-        std::fs::rename(&tmp, &path).map_err(io(&path))?;
+        if let Err(e) = std::fs::rename(&tmp, &path) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(io(&path)(e));
+        }
     }
     Ok(())
+}
+
+/// Creates `path`, which must not exist, with `mode` (before the umask) and writes `content`.
+fn write_new(path: &Path, content: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)?;
+    file.write_all(content)?;
+    file.sync_all()
 }
 
 /// The notAfter of a DER certificate, as Unix seconds.
@@ -166,6 +185,48 @@ mod tests {
             .general_names
             .len();
         assert_eq!(sans, 2);
+    }
+
+    #[test]
+    fn keys_are_written_owner_only_and_replace_existing_files() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!(
+            "cape-static-ip-certs-write-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        let first = generate(&["127.0.0.1".into()], 30).unwrap();
+        write(&dir, &first).unwrap();
+        // A second write replaces every file (a rotation), with the same modes.
+        let second = generate(&["127.0.0.1".into()], 30).unwrap();
+        write(&dir, &second).unwrap();
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["ca.crt", "ca.key", "tls.crt", "tls.key"],
+            "no temporary file left"
+        );
+        for (name, mode, content) in [
+            ("ca.key", 0o600, &second.ca_key),
+            ("tls.key", 0o600, &second.key),
+            ("ca.crt", 0o644, &second.ca_cert),
+            ("tls.crt", 0o644, &second.cert),
+        ] {
+            let path = dir.join(name);
+            let meta = std::fs::metadata(&path).unwrap();
+            // Modes are given at creation; the umask can only take bits away.
+            let got = meta.permissions().mode() & 0o777;
+            assert_eq!(got & !mode, 0, "{name}: mode {got:o}");
+            if mode == 0o600 {
+                assert_eq!(got, 0o600, "{name}: readable by its owner only");
+            }
+            assert_eq!(&std::fs::read_to_string(&path).unwrap(), content, "{name}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

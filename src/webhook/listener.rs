@@ -123,9 +123,8 @@ impl Server {
         SocketAddr,
         impl Future<Output = ()> + Send + 'static,
     )> {
-        let listener = std::net::TcpListener::bind(addr)?;
-        listener.set_nonblocking(true)?;
-        let listener = TcpListener::from_std(listener)?;
+        // `[::]` is both families (super::listen).
+        let listener = TcpListener::from_std(super::listen::bind(addr)?)?;
         let local = listener.local_addr()?;
         let (stop, stopping) = watch::channel(None);
         let accept = Accept {

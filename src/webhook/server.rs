@@ -22,7 +22,7 @@ use serde_json::Value;
 use tokio::sync::Semaphore;
 
 use crate::assign::Assigner;
-use crate::metrics::{Metrics, PoolOnly};
+use crate::metrics::Metrics;
 use crate::webhook::listener::Limits;
 use crate::webhook::review as admission;
 
@@ -106,32 +106,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
         .metrics
         .caches_synced
         .set(i64::from(state.assigner.caches.ready()));
-    // Pool gauges are read from the index at scrape time: nothing to keep in step.
-    state.metrics.pool_used.clear();
-    state.metrics.pool_free.clear();
-    state.metrics.pool_cooling.clear();
-    let cooling = state.assigner.caches.index.cooling();
-    for (pool, used, free) in state.assigner.caches.index.usage() {
-        let cools = cooling.get(&pool).copied().unwrap_or(0);
-        let labels = PoolOnly {
-            pool: pool.to_string(),
-        };
-        state
-            .metrics
-            .pool_used
-            .get_or_create(&labels)
-            .set(used as i64);
-        state
-            .metrics
-            .pool_free
-            .get_or_create(&labels)
-            .set(free as i64);
-        state
-            .metrics
-            .pool_cooling
-            .get_or_create(&labels)
-            .set(cools as i64);
-    }
+    // Pool gauges are built from the index by the metrics' collector, per scrape.
     (
         [(
             header::CONTENT_TYPE,

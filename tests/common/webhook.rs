@@ -45,6 +45,8 @@ pub struct WebhookOptions {
     pub limits: cape_static_ip::webhook::listener::Limits,
     /// `--reuse-delay`.
     pub reuse_delay: Duration,
+    /// The address both endpoints listen on (port 0: any); default `127.0.0.1`.
+    pub listen_ip: std::net::IpAddr,
 }
 
 /// A serving certificate and key on disk, and the CA (PEM) that signed the certificate.
@@ -68,20 +70,23 @@ impl Default for WebhookOptions {
             tls: None,
             limits: Default::default(),
             reuse_delay: Duration::ZERO,
+            listen_ip: std::net::Ipv4Addr::LOCALHOST.into(),
         }
     }
 }
 
-/// Writes dev certificates for 127.0.0.1 into a fresh temporary directory.
+/// Writes dev certificates for 127.0.0.1, ::1 and localhost into a fresh temporary directory.
 pub fn dev_certs(tag: &str) -> (std::path::PathBuf, String) {
     let dir = std::env::temp_dir().join(format!(
         "cape-static-ip-certs-{tag}-{}-{}",
         std::process::id(),
         rand::random::<u32>()
     ));
-    let certs =
-        cape_static_ip::webhook::certs::generate(&["127.0.0.1".into(), "localhost".into()], 30)
-            .expect("certs");
+    let certs = cape_static_ip::webhook::certs::generate(
+        &["127.0.0.1".into(), "::1".into(), "localhost".into()],
+        30,
+    )
+    .expect("certs");
     cape_static_ip::webhook::certs::write(&dir, &certs).expect("write certs");
     (dir, certs.ca_cert)
 }
@@ -115,8 +120,8 @@ pub async fn start(client: &Client, namespace: &str, options: WebhookOptions) ->
     let running = serve::start(
         webhook_client,
         Options {
-            listen: "127.0.0.1:0".parse::<SocketAddr>().unwrap(),
-            admin_listen: "127.0.0.1:0".parse().unwrap(),
+            listen: SocketAddr::new(options.listen_ip, 0),
+            admin_listen: SocketAddr::new(options.listen_ip, 0),
             tls_cert_file: cert_file,
             tls_key_file: key_file,
             default_pool_namespace: options.default_pool_namespace.clone(),
