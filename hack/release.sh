@@ -13,6 +13,8 @@
 #
 # kubectl (with its built-in kustomize): $KUBECTL, else `kubectl` on PATH, else the pinned one
 # built by hack/controlplane/build.sh. OUT (default out) is the release directory.
+# INSTALL_NAMESPACE (default cape-system; `make deploy NAMESPACE=...`) renders for another
+# namespace (manifests/components/follow-namespace).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -74,6 +76,15 @@ render() {
     echo "kind: Kustomization"
     echo "resources:"
     echo "  - ../../manifests"
+    if [[ -n "${INSTALL_NAMESPACE:-}" && "$INSTALL_NAMESPACE" != cape-system ]]; then
+      # Components run before an overlay's own namespace: name it in a component first.
+      mkdir -p "$overlay/namespace"
+      printf 'apiVersion: kustomize.config.k8s.io/v1alpha1\nkind: Component\nnamespace: %s\n' \
+        "$INSTALL_NAMESPACE" >"$overlay/namespace/kustomization.yaml"
+      echo "components:"
+      echo "  - namespace"
+      echo "  - ../../manifests/components/follow-namespace"
+    fi
     echo "images:"
     kustomize_image "$img"
   } >"$overlay/kustomization.yaml"

@@ -91,9 +91,10 @@ impl Kubectl {
     }
 }
 
-/// The kustomize base as rendered by `kubectl kustomize manifests`, as JSON objects.
-fn rendered(kubectl: &Kubectl) -> Vec<Value> {
-    let yaml = kubectl.run(&["kustomize", "manifests"]);
+/// A kustomization (`manifests`, or an overlay) as rendered by `kubectl kustomize`, as JSON
+/// objects.
+fn rendered(kubectl: &Kubectl, dir: &str) -> Vec<Value> {
+    let yaml = kubectl.run(&["kustomize", dir]);
     let mut python = Command::new("python3");
     python.args([
         "-c",
@@ -261,11 +262,32 @@ fn flag<'a>(args: &'a [String], flag: &str) -> &'a str {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn manifests_are_accepted_with_the_cert_manager_crds_and_wired_together() {
     let cp = shared(CrdSet::Current);
-    let client = cp.client().await;
     let kubectl = Kubectl::new(cp);
-    let work = cp.dir().join("certmanager-test");
-    std::fs::create_dir_all(&work).unwrap();
+    install_cert_manager_crds(&kubectl);
+    // The base as shipped, then installed into another namespace by an overlay (the
+    // webhook configuration is cluster-wide: one after the other).
+    wired_together(cp, &kubectl, "manifests").await;
+    let overlay = format!("target/certmanager-overlay-{}", std::process::id());
+    let dir = root().join(&overlay);
+    std::fs::create_dir_all(dir.join("namespace")).unwrap();
+    std::fs::write(
+        dir.join("namespace/kustomization.yaml"),
+        "apiVersion: kustomize.config.k8s.io/v1alpha1\nkind: Component\nnamespace: capi-ipam\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("kustomization.yaml"),
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n\
+         resources:\n  - ../../manifests\n\
+         components:\n  - namespace\n  - ../../manifests/components/follow-namespace\n",
+    )
+    .unwrap();
+    let ns = wired_together(cp, &kubectl, &overlay).await;
+    assert_eq!(ns, "capi-ipam");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
 
+fn install_cert_manager_crds(kubectl: &Kubectl) {
     // cert-manager's CRDs, from its Go module.
     let crds = run(Command::new("bash").arg(root().join("hack/controlplane/certmanager-crds.sh")));
     let crds = crds.trim();
@@ -278,22 +300,28 @@ async fn manifests_are_accepted_with_the_cert_manager_crds_and_wired_together() 
     let crd_refs: Vec<String> = CRDS.iter().map(|c| format!("crd/{c}")).collect();
     wait.extend(crd_refs.iter().map(String::as_str));
     kubectl.run(&wait);
+}
+
+/// Server-side dry run of everything in `dir`, then the wiring of what it installs (with
+/// cert-manager's and cainjector's parts played), a TLS handshake for the Service's DNS name
+/// included. Returns the namespace it installed into.
+async fn wired_together(cp: &ControlPlane, kubectl: &Kubectl, dir: &str) -> String {
+    let client = cp.client().await;
+    let work = cp
+        .dir()
+        .join("certmanager-test")
+        .join(dir.replace('/', "-"));
+    std::fs::create_dir_all(&work).unwrap();
 
     // The whole base, through every admission step of the real apiserver (schemas of the
     // cert-manager CRDs included), without persisting anything. The namespace must exist for
     // the namespaced objects of a dry run (a real apply creates it first).
-    let objects = rendered(&kubectl);
+    let objects = rendered(kubectl, dir);
     let namespace_object = one(&objects, "Namespace");
     let ns = name_of(namespace_object);
     let file = list_file(&work, "namespace.json", &[namespace_object]);
     kubectl.run(&["apply", "--server-side", "-f", file.to_str().unwrap()]);
-    let dry_run = kubectl.run(&[
-        "apply",
-        "-k",
-        "manifests",
-        "--server-side",
-        "--dry-run=server",
-    ]);
+    let dry_run = kubectl.run(&["apply", "-k", dir, "--server-side", "--dry-run=server"]);
     let accepted = dry_run
         .lines()
         .filter(|l| l.ends_with("serverside-applied (server dry run)"))
@@ -303,7 +331,7 @@ async fn manifests_are_accepted_with_the_cert_manager_crds_and_wired_together() 
         objects.len(),
         "every object of manifests/ accepted:\n{dry_run}"
     );
-    eprintln!("server-side dry run of manifests/:\n{dry_run}");
+    eprintln!("server-side dry run of {dir}:\n{dry_run}");
 
     // Really apply what the wiring needs (everything but RBAC), as `kubectl apply -k` would.
     let applied: Vec<&Value> = objects
@@ -593,4 +621,5 @@ async fn manifests_are_accepted_with_the_cert_manager_crds_and_wired_together() 
             .unwrap();
     }
     assert!(configs.get_opt(&config_name).await.unwrap().is_none());
+    ns
 }

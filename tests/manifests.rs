@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
+use cape_static_ip::cluster::cache::ELFMACHINE_CRD;
 use cape_static_ip::cluster::certmanager::{Certificate, INJECT_CA_FROM, Issuer};
 use serde_json::Value;
 
@@ -149,59 +150,70 @@ fn kustomization_lists_every_file_and_sets_namespace_and_image() {
 fn cluster_role_grants_exactly_what_the_code_uses() {
     let base = Base::load();
     let role = base.one("ClusterRole", "cape-static-ip");
-    let mut granted: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
+    // (group, resource, resourceNames) -> verbs
+    type Rule = (String, String, Vec<String>);
+    let mut granted: BTreeMap<Rule, BTreeSet<String>> = BTreeMap::new();
     for rule in role["rules"].as_array().expect("rules") {
-        assert!(rule.get("resourceNames").is_none() && rule.get("nonResourceURLs").is_none());
+        assert!(rule.get("nonResourceURLs").is_none());
         let groups = strings(&rule["apiGroups"]);
         let resources = strings(&rule["resources"]);
         let verbs = strings(&rule["verbs"]);
-        for s in groups.iter().chain(&resources).chain(&verbs) {
+        let names = match rule.get("resourceNames") {
+            Some(n) => strings(n),
+            None => Vec::new(),
+        };
+        for s in groups.iter().chain(&resources).chain(&verbs).chain(&names) {
             assert!(!s.contains('*'), "wildcard {s:?} in the ClusterRole");
         }
         for g in &groups {
             for r in &resources {
                 granted
-                    .entry((g.clone(), r.clone()))
+                    .entry((g.clone(), r.clone(), names.clone()))
                     .or_default()
                     .extend(verbs.iter().cloned());
             }
         }
     }
+    // Each verb is a call in src/: `watch` + `list` are the reflectors and watchers
+    // (cluster/cache.rs, the machine watch of the background loop), `get` a get_opt /
+    // get_metadata_opt by name (cluster/writer.rs, assign.rs, the release loop), `create`,
+    // `delete` and `patch` the writer's and the loops' writes, `ippools/status` the pool
+    // status pass, events.k8s.io the event publisher (events.rs). No `ippools get`: pools
+    // come from the watch only. No core `events`: events are events.k8s.io/v1.
+    let watch = ["list", "watch"];
     let read = ["get", "list", "watch"];
-    let expected: BTreeMap<(String, String), BTreeSet<String>> = [
-        ("ipam.metal3.io", "ippools", set(&read)),
-        ("ipam.metal3.io", "ippools/status", set(&["patch"])),
-        (
-            "ipam.metal3.io",
-            "ipaddresses",
-            set(&["get", "list", "watch", "create", "delete", "patch"]),
-        ),
-        (
-            "ipam.metal3.io",
-            "ipclaims",
-            set(&["get", "list", "watch", "create", "delete", "patch"]),
-        ),
-        ("ipam.metal3.io", "ipclaims/status", set(&["patch"])),
+    let write = ["get", "list", "watch", "create", "delete", "patch"];
+    let expected: BTreeMap<Rule, BTreeSet<String>> = [
+        ("ipam.metal3.io", "ippools", &[][..], set(&watch)),
+        ("ipam.metal3.io", "ippools/status", &[], set(&["patch"])),
+        ("ipam.metal3.io", "ipaddresses", &[], set(&write)),
+        ("ipam.metal3.io", "ipclaims", &[], set(&write)),
+        ("ipam.metal3.io", "ipclaims/status", &[], set(&["patch"])),
         (
             "infrastructure.cluster.x-k8s.io",
             "elfmachines",
+            &[],
             set(&["get", "list", "watch", "patch"]),
         ),
         (
             "infrastructure.cluster.x-k8s.io",
             "elfmachinetemplates",
+            &[],
             set(&read),
         ),
         (
             "apiextensions.k8s.io",
             "customresourcedefinitions",
-            set(&read),
+            &[ELFMACHINE_CRD],
+            set(&watch),
         ),
-        ("", "events", set(&["create", "patch"])),
-        ("events.k8s.io", "events", set(&["create", "patch"])),
+        ("events.k8s.io", "events", &[], set(&["create", "patch"])),
     ]
     .into_iter()
-    .map(|(g, r, v)| ((g.to_owned(), r.to_owned()), v))
+    .map(|(g, r, names, v)| {
+        let names = names.iter().map(|n| (*n).to_owned()).collect();
+        ((g.to_owned(), r.to_owned(), names), v)
+    })
     .collect();
     assert_eq!(granted, expected);
 
@@ -226,12 +238,31 @@ fn deployment_is_hardened_and_probed() {
     let pod = &spec["template"]["spec"];
     assert_eq!(pod["serviceAccountName"], "cape-static-ip");
     assert_eq!(pod["terminationGracePeriodSeconds"], 30);
+    // A Fail webhook is as critical as the apiserver's own add-ons.
+    assert_eq!(pod["priorityClassName"], "system-cluster-critical");
 
-    let anti =
-        &pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"];
-    let term = &anti[0]["podAffinityTerm"];
-    assert_eq!(term["topologyKey"], "kubernetes.io/hostname");
-    assert_eq!(&term["labelSelector"]["matchLabels"], pod_labels);
+    // Never two replicas on one node (required: replicas <= schedulable nodes, README), and
+    // a rollout that needs no extra node.
+    let anti = &pod["affinity"]["podAntiAffinity"];
+    assert!(
+        anti.get("preferredDuringSchedulingIgnoredDuringExecution")
+            .is_none()
+    );
+    let terms = anti["requiredDuringSchedulingIgnoredDuringExecution"]
+        .as_array()
+        .expect("required anti-affinity");
+    assert_eq!(terms.len(), 1);
+    assert_eq!(terms[0]["topologyKey"], "kubernetes.io/hostname");
+    assert_eq!(&terms[0]["labelSelector"]["matchLabels"], pod_labels);
+    assert_eq!(spec["strategy"]["rollingUpdate"]["maxSurge"], 0);
+    assert_eq!(spec["strategy"]["rollingUpdate"]["maxUnavailable"], 1);
+    // Spread over zones where there are zones (a zoneless cluster still schedules).
+    let spread = pod["topologySpreadConstraints"].as_array().expect("spread");
+    assert_eq!(spread.len(), 1);
+    assert_eq!(spread[0]["topologyKey"], "topology.kubernetes.io/zone");
+    assert_eq!(spread[0]["maxSkew"], 1);
+    assert_eq!(spread[0]["whenUnsatisfiable"], "ScheduleAnyway");
+    assert_eq!(&spread[0]["labelSelector"]["matchLabels"], pod_labels);
 
     let psc = &pod["securityContext"];
     assert_eq!(psc["runAsNonRoot"], true);
@@ -241,7 +272,24 @@ fn deployment_is_hardened_and_probed() {
     let containers = pod["containers"].as_array().unwrap();
     assert_eq!(containers.len(), 1);
     let c = &containers[0];
-    assert_eq!(strings(&c["args"])[0], "serve");
+    let args = strings(&c["args"]);
+    assert_eq!(args[0], "serve");
+    // Both families: IPv6-only and IPv6-first clusters reach the pod too.
+    assert!(args.contains(&"--listen=[::]:9443".to_owned()), "{args:?}");
+    assert!(
+        args.contains(&"--admin-listen=[::]:8080".to_owned()),
+        "{args:?}"
+    );
+    // Events name the replica that wrote them.
+    let env = c["env"].as_array().expect("env");
+    let pod_name = env
+        .iter()
+        .find(|e| e["name"] == "POD_NAME")
+        .expect("POD_NAME");
+    assert_eq!(
+        pod_name["valueFrom"]["fieldRef"]["fieldPath"],
+        "metadata.name"
+    );
     assert!(
         c.get("lifecycle").is_none(),
         "no preStop hook: the image has no shell"
@@ -255,11 +303,13 @@ fn deployment_is_hardened_and_probed() {
     assert!(sc["capabilities"].get("add").is_none());
     assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault");
 
+    // README "Sizing": no CPU limit (no throttling in a burst); memory requested at the
+    // steady size for 100,000 cached IPAM objects (116-120 MiB), limited at 4x that.
     let res = &c["resources"];
     assert_eq!(res["requests"]["cpu"], "50m");
-    assert_eq!(res["requests"]["memory"], "64Mi");
-    assert_eq!(res["limits"]["cpu"], "500m");
-    assert_eq!(res["limits"]["memory"], "256Mi");
+    assert_eq!(res["requests"]["memory"], "128Mi");
+    assert!(res["limits"].get("cpu").is_none(), "no CPU limit");
+    assert_eq!(res["limits"]["memory"], "512Mi");
 
     let ports: BTreeMap<String, i64> = c["ports"]
         .as_array()
@@ -306,13 +356,14 @@ fn deployment_is_hardened_and_probed() {
     let pdb = base.one("PodDisruptionBudget", "cape-static-ip");
     assert_eq!(pdb["apiVersion"], "policy/v1");
     assert_eq!(pdb["spec"]["minAvailable"], 1);
+    // A drain never waits on a pod that is not ready anyway.
+    assert_eq!(pdb["spec"]["unhealthyPodEvictionPolicy"], "AlwaysAllow");
     assert_eq!(&pdb["spec"]["selector"]["matchLabels"], pod_labels);
 }
 
-#[test]
-fn service_routes_443_to_the_webhook_port_and_exposes_metrics() {
-    let base = Base::load();
-    let svc = base.one("Service", SERVICE);
+/// `port -> container port` of a Service that selects the Deployment's pods.
+fn service_ports(base: &Base, name: &str) -> BTreeMap<i64, i64> {
+    let svc = base.one("Service", name);
     let dep = base.one("Deployment", "cape-static-ip");
     let pod_labels = dep["spec"]["template"]["metadata"]["labels"]
         .as_object()
@@ -321,22 +372,22 @@ fn service_routes_443_to_the_webhook_port_and_exposes_metrics() {
         assert_eq!(
             pod_labels.get(k),
             Some(v),
-            "Service selector {k} matches the pods"
+            "Service {name} selector {k} matches the pods"
         );
     }
-    let container_port = |name: &Value| -> i64 {
-        if let Some(n) = name.as_i64() {
+    let container_port = |port: &Value| -> i64 {
+        if let Some(n) = port.as_i64() {
             return n;
         }
         dep["spec"]["template"]["spec"]["containers"][0]["ports"]
             .as_array()
             .unwrap()
             .iter()
-            .find(|p| &p["name"] == name)
+            .find(|p| &p["name"] == port)
             .and_then(|p| p["containerPort"].as_i64())
-            .unwrap_or_else(|| panic!("no container port {name}"))
+            .unwrap_or_else(|| panic!("no container port {port}"))
     };
-    let ports: BTreeMap<i64, i64> = svc["spec"]["ports"]
+    svc["spec"]["ports"]
         .as_array()
         .unwrap()
         .iter()
@@ -346,8 +397,19 @@ fn service_routes_443_to_the_webhook_port_and_exposes_metrics() {
                 container_port(&p["targetPort"]),
             )
         })
-        .collect();
-    assert_eq!(ports, BTreeMap::from([(443, 9443), (8080, 8080)]));
+        .collect()
+}
+
+#[test]
+fn the_webhook_service_carries_https_only_and_metrics_have_their_own() {
+    let base = Base::load();
+    // The apiserver's Service: the admin port (plain HTTP, pool names and usage) is not on it.
+    assert_eq!(service_ports(base, SERVICE), BTreeMap::from([(443, 9443)]));
+    assert_eq!(
+        service_ports(base, "cape-static-ip-metrics"),
+        BTreeMap::from([(8080, 8080)])
+    );
+    assert_eq!(base.all("Service").len(), 2);
 }
 
 #[test]
@@ -433,6 +495,9 @@ fn cert_manager_objects_parse_into_the_typed_structs_and_chain_up() {
     );
     for c in certs.values() {
         assert!(c.spec.duration.is_some() && c.spec.renew_before.is_some());
+        // A new key at every renewal, whatever cert-manager's version defaults to.
+        let key = c.spec.private_key.as_ref().expect("privateKey");
+        assert_eq!(key.rotation_policy.as_deref(), Some("Always"));
     }
 }
 
@@ -486,4 +551,174 @@ fn webhook_configuration() {
     let excluded: BTreeSet<String> = strings(&exprs[0]["values"]).into_iter().collect();
     assert_eq!(excluded, set(&["kube-system", "cape-system"]));
     assert!(h["namespaceSelector"].get("matchLabels").is_none());
+}
+
+/// The kubectl built by hack/controlplane/build.sh (its kustomize renders the base).
+fn kubectl() -> String {
+    let out = Command::new("bash")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("hack/controlplane/build.sh"))
+        .arg("--print")
+        .output()
+        .expect("hack/controlplane/build.sh --print");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .find(|l| l.ends_with("/kubectl"))
+        .expect("build.sh --print names kubectl")
+        .to_owned()
+}
+
+/// `kubectl kustomize dir`, as JSON objects.
+fn render(dir: &Path) -> Vec<Value> {
+    let out = Command::new(kubectl())
+        .arg("kustomize")
+        .arg(dir)
+        .output()
+        .expect("kubectl kustomize");
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let file = scratch("rendered").join("rendered.yaml");
+    std::fs::write(&file, &out.stdout).unwrap();
+    let objects = load_yaml(&file);
+    let _ = std::fs::remove_dir_all(file.parent().unwrap());
+    objects
+}
+
+/// A fresh directory under target/ (kustomize refuses absolute resource paths, so overlays
+/// live at a fixed depth below the crate: `../../manifests`).
+fn scratch(tag: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target")
+        .join(format!(
+            "manifests-{tag}-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Every name that embeds the install namespace says `ns`, and nothing else says
+/// `cape-system` but the default-pool namespace (a contract value, not the install's).
+fn assert_installed_in(objects: &[Value], ns: &str) {
+    let of = |kind: &str, name: &str| -> &Value {
+        objects
+            .iter()
+            .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("no {kind} {name}"))
+    };
+    let cluster_scoped = [
+        "Namespace",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "MutatingWebhookConfiguration",
+    ];
+    for o in objects {
+        let kind = o["kind"].as_str().unwrap();
+        if !cluster_scoped.contains(&kind) {
+            assert_eq!(
+                o["metadata"]["namespace"], ns,
+                "{kind} {}",
+                o["metadata"]["name"]
+            );
+        }
+    }
+    assert_eq!(
+        objects.iter().filter(|o| o["kind"] == "Namespace").count(),
+        1
+    );
+    of("Namespace", ns);
+    let cert: Certificate =
+        serde_json::from_value(of("Certificate", "cape-static-ip-webhook").clone()).unwrap();
+    let svc = format!("{SERVICE}.{ns}.svc");
+    assert_eq!(cert.spec.common_name.as_deref(), Some(svc.as_str()));
+    assert_eq!(
+        cert.spec.dns_names,
+        [svc.clone(), format!("{svc}.cluster.local")]
+    );
+    let hook = of("MutatingWebhookConfiguration", "cape-static-ip");
+    assert_eq!(
+        hook["metadata"]["annotations"][INJECT_CA_FROM],
+        format!("{ns}/cape-static-ip-webhook")
+    );
+    assert_eq!(
+        hook["webhooks"][0]["clientConfig"]["service"]["namespace"],
+        ns
+    );
+    let excluded =
+        strings(&hook["webhooks"][0]["namespaceSelector"]["matchExpressions"][0]["values"]);
+    assert_eq!(excluded, ["kube-system", ns]);
+    let binding = of("ClusterRoleBinding", "cape-static-ip");
+    assert_eq!(binding["subjects"][0]["namespace"], ns);
+
+    let text = serde_json::to_string(objects).unwrap();
+    let rest = text.replace("--default-pool-namespace=cape-system", "");
+    if ns != NAMESPACE {
+        assert!(
+            !rest.contains(NAMESPACE),
+            "{NAMESPACE} is still written somewhere when installed in {ns}"
+        );
+    }
+}
+
+#[test]
+fn the_base_renders_for_its_namespace() {
+    let objects = render(&manifests_dir());
+    assert_installed_in(&objects, NAMESPACE);
+}
+
+#[test]
+fn an_overlay_installs_into_another_namespace() {
+    // What a user writes: the base, a component naming the namespace, then the base's
+    // follow-namespace component.
+    let dir = scratch("overlay");
+    std::fs::create_dir_all(dir.join("namespace")).unwrap();
+    std::fs::write(
+        dir.join("namespace/kustomization.yaml"),
+        "apiVersion: kustomize.config.k8s.io/v1alpha1\nkind: Component\nnamespace: capi-ipam\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("kustomization.yaml"),
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n\
+         resources:\n  - ../../manifests\n\
+         components:\n  - namespace\n  - ../../manifests/components/follow-namespace\n",
+    )
+    .unwrap();
+    assert_installed_in(&render(&dir), "capi-ipam");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn the_base_with_its_namespace_changed_installs_there() {
+    // A copy of manifests/ with `namespace:` edited (`kustomize edit set namespace`).
+    let dir = scratch("edited");
+    let copy = dir.join("manifests");
+    let status = Command::new("cp")
+        .arg("-r")
+        .arg(manifests_dir())
+        .arg(&copy)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let k = copy.join("kustomization.yaml");
+    let text = std::fs::read_to_string(&k).unwrap();
+    assert!(text.contains("\nnamespace: cape-system\n"));
+    std::fs::write(
+        &k,
+        text.replace("\nnamespace: cape-system\n", "\nnamespace: ipam-webhooks\n"),
+    )
+    .unwrap();
+    assert_installed_in(&render(&copy), "ipam-webhooks");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
