@@ -177,14 +177,20 @@ fn cluster_role_grants_exactly_what_the_code_uses() {
     // Each verb is a call in src/: `watch` + `list` are the reflectors and watchers
     // (cluster/cache.rs, the machine watch of the background loop), `get` a get_opt /
     // get_metadata_opt by name (cluster/writer.rs, assign.rs, the release loop), `create`,
-    // `delete` and `patch` the writer's and the loops' writes, `ippools/status` the pool
-    // status pass, events.k8s.io the event publisher (events.rs). No `ippools get`: pools
-    // come from the watch only. No core `events`: events are events.k8s.io/v1.
+    // `delete` and `patch` the writer's and the loops' writes (`ippools` patch: the pool
+    // guard's finalizer), `ippools/status` the pool status pass, events.k8s.io the event
+    // publisher (events.rs). No `ippools get`: pools come from the watch only. No core
+    // `events`: events are events.k8s.io/v1.
     let watch = ["list", "watch"];
     let read = ["get", "list", "watch"];
     let write = ["get", "list", "watch", "create", "delete", "patch"];
     let expected: BTreeMap<Rule, BTreeSet<String>> = [
-        ("ipam.metal3.io", "ippools", &[][..], set(&watch)),
+        (
+            "ipam.metal3.io",
+            "ippools",
+            &[][..],
+            set(&["list", "watch", "patch"]),
+        ),
         ("ipam.metal3.io", "ippools/status", &[], set(&["patch"])),
         ("ipam.metal3.io", "ipaddresses", &[], set(&write)),
         ("ipam.metal3.io", "ipclaims", &[], set(&write)),

@@ -617,3 +617,76 @@ async fn every_note_published_is_what_kubectl_describe_shows() {
         Some("cape-static-ip")
     );
 }
+
+#[tokio::test]
+async fn the_pool_guard_writes_its_finalizer_with_the_shipped_role() {
+    use cape_static_ip::contract::POOL_FINALIZER;
+    let cp = shared(CrdSet::Current);
+    let client = cp.client().await;
+    let ns = temp_namespace(&client, "guard").await;
+    // The background loop runs every claim_grace / 2: 2 s here.
+    let hook = webhook::start(
+        &client,
+        &ns,
+        WebhookOptions {
+            claim_grace: std::time::Duration::from_secs(4),
+            ..Default::default()
+        },
+    )
+    .await;
+    create(
+        &client,
+        &ns,
+        pool(
+            "guarded",
+            json!({"namePrefix": "guarded", "pools": [{"start": "10.8.0.10", "end": "10.8.0.20"}], "prefix": 24}),
+            json!({}),
+        ),
+    )
+    .await
+    .unwrap();
+    create(
+        &client,
+        &ns,
+        template("tpl", json!({"cluster.x-k8s.io/ip-pool-name": "guarded"})),
+    )
+    .await
+    .unwrap();
+    wait_for_pool(&hook, &ns, "guarded").await;
+    create(
+        &client,
+        &ns,
+        capi_machine("m-guard", "tpl", json!([{"networkType": "IPV4"}])),
+    )
+    .await
+    .unwrap();
+    // The webhook runs as the user bound to manifests/rbac.yaml: the patch of the pool's
+    // finalizer (lifecycle/pool_guard.rs) must be allowed.
+    let pools = dynamic(
+        &client,
+        &ns,
+        "ipam.metal3.io",
+        "v1alpha1",
+        "IPPool",
+        "ippools",
+    );
+    let mut finalizers = Vec::new();
+    for _ in 0..300 {
+        finalizers = pools
+            .get("guarded")
+            .await
+            .unwrap()
+            .metadata
+            .finalizers
+            .unwrap_or_default();
+        if finalizers.iter().any(|f| f == POOL_FINALIZER) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        finalizers.iter().any(|f| f == POOL_FINALIZER),
+        "the pool holding our address has no {POOL_FINALIZER}: {finalizers:?}"
+    );
+    hook.stop().await;
+}
