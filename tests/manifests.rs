@@ -199,6 +199,7 @@ fn cluster_role_grants_exactly_what_the_code_uses() {
         ),
         ("", "events", set(&["create", "patch"])),
         ("events.k8s.io", "events", set(&["create", "patch"])),
+        ("authentication.k8s.io", "tokenreviews", set(&["create"])),
     ]
     .into_iter()
     .map(|(g, r, v)| ((g.to_owned(), r.to_owned()), v))
@@ -241,7 +242,20 @@ fn deployment_is_hardened_and_probed() {
     let containers = pod["containers"].as_array().unwrap();
     assert_eq!(containers.len(), 1);
     let c = &containers[0];
-    assert_eq!(strings(&c["args"])[0], "serve");
+    let args = strings(&c["args"]);
+    assert_eq!(args[0], "serve");
+    // Only the apiserver may send reviews: enforce, with the cluster CA the pod already has.
+    for flag in [
+        "--auth-mode=enforce",
+        "--auth-client-ca-file=/var/run/secrets/kubernetes.io/serviceaccount/ca.crt",
+        "--auth-allowed-users=kube-apiserver-kubelet-client",
+    ] {
+        assert!(args.iter().any(|a| a == flag), "{flag} in {args:?}");
+    }
+    assert_eq!(
+        pod["automountServiceAccountToken"], true,
+        "the CA comes with the token"
+    );
     assert!(
         c.get("lifecycle").is_none(),
         "no preStop hook: the image has no shell"

@@ -3,6 +3,7 @@
 //! ([`tls`], [`certs`]), the AdmissionReview in and out ([`review`]) and the JSON patch written
 //! into the machine ([`patch`]). It decides nothing about addresses: [`crate::assign`] does.
 
+pub mod auth;
 pub mod certs;
 pub mod listener;
 pub mod patch;

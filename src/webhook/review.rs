@@ -115,9 +115,12 @@ pub fn respond(request: &AdmissionRequest<DynamicObject>, decision: Decision) ->
 fn reason_for(code: u16) -> &'static str {
     match code {
         400 => "BadRequest",
+        401 => "Unauthorized",
+        403 => "Forbidden",
         404 => "NotFound",
         409 => "Conflict",
         422 => "Invalid",
+        429 => "TooManyRequests",
         503 => "ServiceUnavailable",
         _ => "InternalError",
     }
