@@ -81,7 +81,8 @@ pub async fn with_budget<F: Future>(budget: Budget, f: F) -> F::Output {
     BUDGET.scope(budget, f).await
 }
 
-fn current_budget() -> Budget {
+/// The budget of the review being handled ([`with_budget`]); unverified outside one.
+pub fn current_budget() -> Budget {
     BUDGET.try_with(|b| *b).unwrap_or(Budget::Unverified)
 }
 
