@@ -184,7 +184,9 @@ async fn enforce_writes_nothing_for_reviews_without_valid_credentials() {
 
     // Through the apiserver, with the credentials its AdmissionConfiguration gives it.
     let real = real_create(&client, &ns, "real-0").await.expect("created");
-    assert_eq!(real, "10.255.160.10");
+    assert!(real.starts_with("10.255.160."), "{real}");
+    let before = addresses(&client, &ns).await;
+    let claims = count(&client, &ns, "IPClaim", "ipclaims").await;
 
     let review = made_up(&ns, "x", 0, TEMPLATE);
     let no_cert = https_client(&hook.ca_pem, None);
@@ -239,8 +241,8 @@ async fn enforce_writes_nothing_for_reviews_without_valid_credentials() {
     let (allowed, denials) = flood(&hook, &ns, "enforce", FLOOD, TEMPLATE).await;
     assert_eq!(allowed, 0, "{denials:?}");
     // Nothing was written but the real machine's claim and address.
-    assert_eq!(addresses(&client, &ns).await, 1);
-    assert_eq!(count(&client, &ns, "IPClaim", "ipclaims").await, 1);
+    assert_eq!(addresses(&client, &ns).await, before);
+    assert_eq!(count(&client, &ns, "IPClaim", "ipclaims").await, claims);
 
     // With the apiserver's own credentials, straight to the webhook: served.
     let mut ok = made_up(&ns, "y", 1, TEMPLATE);
@@ -267,7 +269,7 @@ async fn enforce_writes_nothing_for_reviews_without_valid_credentials() {
     }
     println!(
         "enforce: {FLOOD} made-up reviews without credentials: {allowed} allowed, {} addresses taken by them; real create: {real}",
-        addresses(&client, &ns).await - 1
+        addresses(&client, &ns).await - before
     );
     hook.stop().await;
 }
@@ -294,7 +296,12 @@ async fn the_apiserver_gets_in_with_either_credential_alone() {
         )
         .await;
         let real = real_create(&client, &ns, "real-0").await;
-        assert_eq!(real.as_deref(), Ok("10.255.160.10"), "{what}");
+        assert!(
+            real.as_deref()
+                .is_ok_and(|ip| ip.starts_with("10.255.160.")),
+            "{what}: {real:?}"
+        );
+        let before = addresses(&client, &ns).await;
         let r = post(
             &https_client(&hook.ca_pem, None),
             &hook,
@@ -303,7 +310,7 @@ async fn the_apiserver_gets_in_with_either_credential_alone() {
         )
         .await;
         assert_eq!(r["status"]["code"], 401, "{what}: {r}");
-        assert_eq!(addresses(&client, &ns).await, 1, "{what}");
+        assert_eq!(addresses(&client, &ns).await, before, "{what}");
         hook.stop().await;
     }
 }
@@ -362,7 +369,9 @@ async fn a_flood_takes_at_most_the_cap_in_warn_and_off_mode() {
         );
         match mode {
             // The apiserver is authenticated: its creates draw from their own budget.
-            Mode::Warn => assert_eq!(real.as_deref(), Ok(&*format!("10.255.160.{}", 10 + cap))),
+            Mode::Warn => {
+                assert!(real.is_ok(), "{real:?}");
+            }
             // Nobody is: the apiserver's create waits behind the cap like the flood's.
             _ => {
                 let e = real.unwrap_err();
