@@ -103,10 +103,14 @@ async fn start_webhook(client: &Client, certs: &Path) -> InProcess {
             events,
             activity: Default::default(),
             claim_grace: Duration::from_secs(120),
+            pending: Default::default(),
         },
         metrics: metrics.clone(),
         stopping: Arc::new(AtomicBool::new(false)),
         reviews: Default::default(),
+        auth: Arc::new(cape_static_ip::webhook::auth::Authenticator::off(
+            metrics.clone(),
+        )),
     };
     let lifecycle = Lifecycle::new(
         state.assigner.clone(),

@@ -6,6 +6,10 @@
 #   127.0.0.1:8080), registers it as manifests/webhook.yaml does (every namespace but
 #   kube-system and cape-system; only requests that need an address), applies a sample IPPool and
 #   ElfMachineTemplate, and prints the commands that create a machine and show its IP.
+# - Only the apiserver may send reviews: the local control plane presents a client certificate
+#   and a token to webhooks (hack/controlplane/cluster.sh), and the webhook runs with
+#   --auth-mode=enforce accepting them. On a cluster of your own the apiserver's credentials
+#   are unknown here: warn mode (set CAPE_STATIC_IP_AUTH_* to change it).
 # - Ctrl-C unregisters the webhook and stops everything it started.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -29,6 +33,15 @@ else
   cp .dev/cluster/kubeconfig .dev/kubeconfig
   export KUBECONFIG=$ROOT/.dev/kubeconfig
   started_cluster=1
+fi
+if [[ $started_cluster == 1 ]]; then
+  export CAPE_STATIC_IP_AUTH_MODE=${CAPE_STATIC_IP_AUTH_MODE:-enforce}
+  export CAPE_STATIC_IP_AUTH_CLIENT_CA_FILE=${CAPE_STATIC_IP_AUTH_CLIENT_CA_FILE:-$ROOT/.dev/cluster/caller-ca.crt}
+  export CAPE_STATIC_IP_AUTH_TOKEN_REVIEW=${CAPE_STATIC_IP_AUTH_TOKEN_REVIEW:-true}
+  export CAPE_STATIC_IP_AUTH_ALLOWED_USERS=${CAPE_STATIC_IP_AUTH_ALLOWED_USERS:-kube-apiserver-kubelet-client,cape-static-ip-apiserver}
+else
+  export CAPE_STATIC_IP_AUTH_MODE=${CAPE_STATIC_IP_AUTH_MODE:-warn}
+  echo "caller authentication: ${CAPE_STATIC_IP_AUTH_MODE} (your apiserver's webhook credentials are not known here; README: Who may call the webhook)"
 fi
 
 echo "building cape-static-ip..."

@@ -104,6 +104,12 @@ pub struct ServeArgs {
     /// Deadlines and caps of the server.
     #[command(flatten)]
     pub limits: crate::webhook::listener::Limits,
+    /// Who may send reviews.
+    #[command(flatten)]
+    pub auth: crate::webhook::auth::AuthOptions,
+    /// The cap on claims whose machine has not appeared yet.
+    #[command(flatten)]
+    pub caps: crate::assign::pending::Caps,
 }
 
 /// Flags of `certs`.

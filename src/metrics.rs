@@ -111,6 +111,34 @@ impl Collector for PoolCollector {
     }
 }
 
+/// Labels of a review whose caller could not be verified.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthLabels {
+    /// `warn` (served) or `enforce` (refused).
+    pub mode: String,
+    /// `no_credentials`, `bad_certificate`, `token_rejected`, `identity_not_allowed`,
+    /// `token_review_failed`.
+    pub reason: String,
+}
+
+/// Labels of the pending-claims gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PendingLabels {
+    /// `namespace/name` of the pool.
+    pub pool: String,
+    /// `verified` (the authenticated apiserver) or `unverified`.
+    pub caller: String,
+}
+
+/// Labels of a review refused by the pending-claims cap.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PendingRefusalLabels {
+    pub pool: String,
+    /// The flag whose cap was reached: `max-pending-claims-per-pool` or `max-pending-claims`.
+    pub cap: String,
+    pub caller: String,
+}
+
 fn review_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0005, 2.0, 16))
 }
@@ -125,6 +153,9 @@ pub struct Metrics {
     pub certificate_expiry: Gauge,
     pools: PoolCollector,
     pub release_waiting: ReleaseWaiting,
+    pub unauthenticated: Family<AuthLabels, Counter>,
+    pub pending_claims: Family<PendingLabels, Gauge>,
+    pub pending_refusals: Family<PendingRefusalLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -170,8 +201,29 @@ impl Default for Metrics {
             "deletionTimestamp of an ElfMachine whose addresses are not released yet, by what it waits for",
             release_waiting.family.clone(),
         );
+        let unauthenticated = Family::<AuthLabels, Counter>::default();
+        let pending_claims = Family::<PendingLabels, Gauge>::default();
+        let pending_refusals = Family::<PendingRefusalLabels, Counter>::default();
+        registry.register(
+            "unauthenticated_reviews",
+            "Reviews whose caller could not be verified, by mode and reason",
+            unauthenticated.clone(),
+        );
+        registry.register(
+            "pending_claims",
+            "Claims written by this replica whose ElfMachine has not appeared yet",
+            pending_claims.clone(),
+        );
+        registry.register(
+            "pending_claim_refusals",
+            "Reviews refused because the pending-claims cap was reached",
+            pending_refusals.clone(),
+        );
         Metrics {
             registry,
+            unauthenticated,
+            pending_claims,
+            pending_refusals,
             reviews,
             allocations,
             releases,

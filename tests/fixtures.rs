@@ -243,11 +243,8 @@ impl Recorder {
     async fn start(e: &Env) -> (Self, std::net::SocketAddr) {
         let bodies = Arc::new(Mutex::new(Vec::new()));
         let upstream = format!("https://{}/mutate-elfmachine", e.hook.running.webhook_addr);
-        let client = reqwest::Client::builder()
-            .use_rustls_tls()
-            .add_root_certificate(reqwest::Certificate::from_pem(e.hook.ca_pem.as_bytes()).unwrap())
-            .build()
-            .unwrap();
+        // Forwards with the apiserver's client certificate (the webhook checks the caller).
+        let client = webhook::https_client(&e.hook.ca_pem, webhook::caller_identity());
         let seen = bodies.clone();
         let app = axum::Router::new().route(
             "/mutate-elfmachine",

@@ -346,6 +346,9 @@ async fn unsynced_webhook(limits: Limits) -> (Running, String, std::path::PathBu
             shutdown_delay: Duration::ZERO,
             background: false,
             limits,
+            // Reviews are posted straight to it.
+            auth: cape_static_ip::webhook::auth::AuthOptions::off(),
+            caps: Default::default(),
         },
     )
     .await

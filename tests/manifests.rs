@@ -214,6 +214,12 @@ fn cluster_role_grants_exactly_what_the_code_uses() {
             set(&watch),
         ),
         ("events.k8s.io", "events", &[], set(&["create", "patch"])),
+        (
+            "authentication.k8s.io",
+            "tokenreviews",
+            &[],
+            set(&["create"]),
+        ),
     ]
     .into_iter()
     .map(|(g, r, names, v)| {
@@ -295,6 +301,18 @@ fn deployment_is_hardened_and_probed() {
     assert_eq!(
         pod_name["valueFrom"]["fieldRef"]["fieldPath"],
         "metadata.name"
+    );
+    // Only the apiserver may send reviews: enforce, with the cluster CA the pod already has.
+    for flag in [
+        "--auth-mode=enforce",
+        "--auth-client-ca-file=/var/run/secrets/kubernetes.io/serviceaccount/ca.crt",
+        "--auth-allowed-users=kube-apiserver-kubelet-client",
+    ] {
+        assert!(args.iter().any(|a| a == flag), "{flag} in {args:?}");
+    }
+    assert_eq!(
+        pod["automountServiceAccountToken"], true,
+        "the CA comes with the token"
     );
     assert!(
         c.get("lifecycle").is_none(),

@@ -38,6 +38,9 @@ async fn second_replica(client: kube::Client, options: &WebhookOptions) -> Runni
             shutdown_delay: Duration::ZERO,
             background: true,
             limits: Default::default(),
+            // Not registered: nothing calls it.
+            auth: cape_static_ip::webhook::auth::AuthOptions::off(),
+            caps: Default::default(),
         },
     )
     .await

@@ -51,6 +51,9 @@ async fn replica(client: Client, certs: &Path) -> Running {
             shutdown_delay: Duration::ZERO,
             background: false,
             limits: Default::default(),
+            // Reviews are posted straight to the replicas, for machines that never appear.
+            auth: cape_static_ip::webhook::auth::AuthOptions::off(),
+            caps: Default::default(),
         },
     )
     .await

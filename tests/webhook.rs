@@ -368,6 +368,8 @@ async fn shutdown_turns_not_ready_keeps_answering_for_the_delay_then_stops() {
             shutdown_delay: std::time::Duration::from_millis(1500),
             background: false,
             limits: Default::default(),
+            auth: cape_static_ip::webhook::auth::AuthOptions::off(),
+            caps: Default::default(),
         },
     )
     .await

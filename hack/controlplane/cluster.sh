@@ -8,6 +8,12 @@
 #         DIR/kubeconfig          admin (group system:masters)
 #         DIR/webhook.kubeconfig  user `webhook`, no groups, no RBAC (for least-privilege tests)
 #         DIR/env                 KUBECONFIG APISERVER_URL ADMIN_TOKEN WEBHOOK_TOKEN ETCD_PID APISERVER_PID
+#                                 CALLER_TOKEN CALLER_CA_FILE CALLER_CERT_FILE CALLER_KEY_FILE
+#       The apiserver presents credentials to every admission webhook it calls, as a
+#       kubeadm-style control plane can be configured to (README, "Who may call the webhook"):
+#       --admission-control-config-file DIR/admission.yaml names DIR/webhook-callers.kubeconfig,
+#       whose user `*` holds both a client certificate (CN kube-apiserver-kubelet-client, signed
+#       by DIR/caller-ca.crt) and a bearer token (user cape-static-ip-apiserver in tokens.csv).
 #       --watch PID: a detached watchdog stops both processes once PID has exited.
 #   cluster.sh down DIR
 #       Stops what `up DIR` started (SIGTERM, then SIGKILL). Idempotent. Leaves DIR in place.
@@ -85,6 +91,7 @@ start_apiserver() {
     --service-account-issuer https://kubernetes.default.svc.cluster.local \
     --service-account-key-file "$DIR/sa.key" --service-account-signing-key-file "$DIR/sa.key" \
     --disable-admission-plugins ServiceAccount \
+    --admission-control-config-file "$DIR/admission.yaml" \
     >"$DIR/apiserver.log" 2>&1 </dev/null &
   APISERVER_PID=$!
   echo "$APISERVER_PID" >"$DIR/apiserver.pid"
@@ -118,6 +125,49 @@ current-context: local
 EOF
 }
 
+# The credentials the apiserver presents to admission webhooks: a client certificate from a CA
+# of its own (as kubeadm's apiserver-kubelet-client.crt, signed by the cluster CA) and a token.
+write_caller_credentials() {
+  local ext="$DIR/caller.ext"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 \
+    -subj "/CN=cape-static-ip-test-caller-ca" -keyout "$DIR/caller-ca.key" -out "$DIR/caller-ca.crt" \
+    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+    -subj "/O=kubeadm:cluster-admins/CN=kube-apiserver-kubelet-client" \
+    -keyout "$DIR/caller.key" -out "$DIR/caller.csr" 2>/dev/null
+  printf 'basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n' >"$ext"
+  openssl x509 -req -in "$DIR/caller.csr" -CA "$DIR/caller-ca.crt" -CAkey "$DIR/caller-ca.key" \
+    -set_serial "0x$(openssl rand -hex 8)" -days 30 -extfile "$ext" -out "$DIR/caller.crt" 2>/dev/null
+  rm -f "$DIR/caller.csr" "$ext"
+  cat >"$DIR/webhook-callers.kubeconfig" <<EOF
+# Credentials kube-apiserver presents to admission webhooks, chosen by the webhook's host[:port];
+# '*' matches every webhook.
+apiVersion: v1
+kind: Config
+users:
+- name: '*'
+  user:
+    client-certificate: $DIR/caller.crt
+    client-key: $DIR/caller.key
+    token: $CALLER_TOKEN
+EOF
+  cat >"$DIR/admission.yaml" <<EOF
+apiVersion: apiserver.config.k8s.io/v1
+kind: AdmissionConfiguration
+plugins:
+- name: MutatingAdmissionWebhook
+  configuration:
+    apiVersion: apiserver.config.k8s.io/v1
+    kind: WebhookAdmissionConfiguration
+    kubeConfigFile: $DIR/webhook-callers.kubeconfig
+- name: ValidatingAdmissionWebhook
+  configuration:
+    apiVersion: apiserver.config.k8s.io/v1
+    kind: WebhookAdmissionConfiguration
+    kubeConfigFile: $DIR/webhook-callers.kubeconfig
+EOF
+}
+
 up() {
   local t0 crds=() watch="" i
   t0=$(date +%s.%N)
@@ -144,8 +194,10 @@ up() {
   rm -rf "$DIR/etcd" "$DIR/certs" "$DIR"/*.log
   ADMIN_TOKEN=$(openssl rand -hex 24)
   WEBHOOK_TOKEN=$(openssl rand -hex 24)
-  printf '%s,admin,admin-uid,"system:masters"\n%s,webhook,webhook-uid\n' \
-    "$ADMIN_TOKEN" "$WEBHOOK_TOKEN" >"$DIR/tokens.csv"
+  CALLER_TOKEN=$(openssl rand -hex 24)
+  printf '%s,admin,admin-uid,"system:masters"\n%s,webhook,webhook-uid\n%s,cape-static-ip-apiserver,caller-uid\n' \
+    "$ADMIN_TOKEN" "$WEBHOOK_TOKEN" "$CALLER_TOKEN" >"$DIR/tokens.csv"
+  write_caller_credentials
   openssl genrsa -out "$DIR/sa.key" 2048 2>/dev/null
 
   # Ports are picked free but not reserved: retry a start that fails (e.g. a port clash).
@@ -166,6 +218,10 @@ export ADMIN_TOKEN=$ADMIN_TOKEN
 export WEBHOOK_TOKEN=$WEBHOOK_TOKEN
 export ETCD_PID=$ETCD_PID
 export APISERVER_PID=$APISERVER_PID
+export CALLER_TOKEN=$CALLER_TOKEN
+export CALLER_CA_FILE=$DIR/caller-ca.crt
+export CALLER_CERT_FILE=$DIR/caller.crt
+export CALLER_KEY_FILE=$DIR/caller.key
 EOF
 
   if [[ -n "$watch" ]]; then

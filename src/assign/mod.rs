@@ -8,6 +8,7 @@
 
 mod lease;
 mod outcome;
+pub mod pending;
 mod repair;
 
 pub use lease::{Lease, owner_labels};
@@ -83,6 +84,12 @@ pub enum AssignError {
         device: usize,
         reason: String,
     },
+    #[error("ElfMachine {machine} device {device}: {reason}")]
+    Capped {
+        machine: String,
+        device: usize,
+        reason: String,
+    },
     #[error("ElfMachine {machine} device {device}: {action} failed: {source}")]
     Api {
         machine: String,
@@ -101,6 +108,7 @@ impl AssignError {
             AssignError::BadPool { .. } => 422,
             AssignError::Exhausted { .. } => 409,
             AssignError::Conflict { .. } => 409,
+            AssignError::Capped { .. } => 429,
             AssignError::Api { .. } => 503,
         }
     }
@@ -112,6 +120,7 @@ impl AssignError {
             AssignError::BadPool { .. } => "bad_pool",
             AssignError::Exhausted { .. } => "exhausted",
             AssignError::Conflict { .. } => "conflict",
+            AssignError::Capped { .. } => "pending_cap",
             AssignError::Api { .. } => "api_error",
         }
     }
@@ -137,6 +146,8 @@ pub struct Assigner {
     /// A claim unchanged for less than this may belong to a request still in admission
     /// (`--claim-grace`): a CREATE reuses only such a claim, older ones are the sweep's.
     pub claim_grace: Duration,
+    /// Claims written at CREATE whose machine has not appeared yet, capped.
+    pub pending: Arc<pending::PendingClaims>,
 }
 
 impl Assigner {
@@ -254,9 +265,25 @@ impl Assigner {
                     }
                 }
             }
+            // At CREATE (no uid yet), the claim counts as pending until the machine appears.
+            let pending = match m.uid {
+                None => Some(
+                    self.pending
+                        .reserve(&machine, pool, &claim, &self.caches)
+                        .map_err(|reason| AssignError::Capped {
+                            machine: machine.clone(),
+                            device,
+                            reason,
+                        })?,
+                ),
+                Some(_) => None,
+            };
             match self.take_address(m, device, pool, &claim, written).await? {
                 Some(lease) => {
                     if self.record_claim(m, device, &lease, written).await? {
+                        if let Some(counted) = pending {
+                            counted.keep();
+                        }
                         return Ok(lease);
                     }
                     // The same request is being served elsewhere: its claim wins.

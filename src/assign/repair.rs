@@ -335,6 +335,7 @@ impl Assigner {
         let mut kept: Vec<(String, String)> = Vec::new();
         for c in written.claims.iter().rev() {
             let (ns, name) = (&c.namespace, &c.name);
+            self.pending.forget(ns, name);
             tracing::debug!(claim = %format!("{ns}/{name}"), "giving back claim");
             match writer::delete_claim_version(
                 &self.client,

@@ -13,11 +13,13 @@ use kube::Client;
 use tokio::task::JoinSet;
 
 use crate::assign::Assigner;
+use crate::assign::pending::{Caps, PendingClaims};
 use crate::cli::{LogFormat, ServeArgs};
 use crate::cluster::cache::Caches;
 use crate::events::Events;
 use crate::lifecycle::{Lifecycle, LifecycleOptions};
 use crate::metrics::{Metrics, PoolUsage};
+use crate::webhook::auth::{AuthOptions, Authenticator};
 use crate::webhook::listener::{Limits, Server};
 use crate::webhook::server::{AppState, ReviewLimits, admin_router, webhook_router};
 use crate::webhook::tls::ReloadingCert;
@@ -49,6 +51,10 @@ pub struct Options {
     pub background: bool,
     /// Deadlines and caps of both endpoints.
     pub limits: Limits,
+    /// Who may send reviews.
+    pub auth: AuthOptions,
+    /// The cap on claims whose machine has not appeared yet.
+    pub caps: Caps,
 }
 
 /// A running server.
@@ -81,10 +87,17 @@ pub async fn start(client: Client, options: Options) -> anyhow::Result<Running> 
         shutdown_delay,
         background,
         limits,
+        auth,
+        caps,
     } = options;
     let cert = ReloadingCert::new(tls_cert_file, tls_key_file)
         .context("loading the serving certificate")?;
     let metrics = Arc::new(Metrics::default());
+    let auth = Arc::new(
+        Authenticator::new(auth, client.clone(), metrics.clone())
+            .map_err(anyhow::Error::msg)
+            .context("setting up caller authentication")?,
+    );
     let mut tasks = JoinSet::new();
     let caches = Caches::start(&client, &mut tasks);
     {
@@ -104,6 +117,12 @@ pub async fn start(client: Client, options: Options) -> anyhow::Result<Running> 
         });
     }
     let events = Events::start(client.clone(), &mut tasks);
+    let pending = Arc::new(PendingClaims::new(
+        caps,
+        claim_grace,
+        metrics.clone(),
+        events.clone(),
+    ));
     let assigner = Assigner {
         client: client.clone(),
         caches,
@@ -112,13 +131,22 @@ pub async fn start(client: Client, options: Options) -> anyhow::Result<Running> 
         events,
         activity: Default::default(),
         claim_grace,
+        pending,
     };
     let state = AppState {
         assigner: assigner.clone(),
         metrics: metrics.clone(),
         stopping: Arc::new(AtomicBool::new(false)),
         reviews: ReviewLimits::new(&limits),
+        auth: auth.clone(),
     };
+    tasks.spawn(auth.clone().watch_ca(cert_reload));
+    tasks.spawn(
+        assigner
+            .pending
+            .clone()
+            .prune_every(Duration::from_secs(2), assigner.caches.clone()),
+    );
     {
         let cert = cert.clone();
         let metrics = metrics.clone();
@@ -152,7 +180,7 @@ pub async fn start(client: Client, options: Options) -> anyhow::Result<Running> 
     }
 
     let mut servers = JoinSet::new();
-    let tls = Arc::new(cert.server_config(limits.http2));
+    let tls = Arc::new(cert.server_config_with_client_auth(limits.http2, auth.tls_verifier()));
     let (webhook, webhook_addr, serving) = Server::bind(
         listen,
         Some(tls),
@@ -269,6 +297,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         shutdown_delay,
         log_format,
         limits,
+        auth,
+        caps,
     } = args;
     init_logging(log_format);
     let floor = MIN_CLAIM_GRACE.max(apiserver_request_timeout + GRACE_MARGIN);
@@ -300,6 +330,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             shutdown_delay,
             background: true,
             limits,
+            auth,
+            caps,
         },
     )
     .await?;

@@ -35,6 +35,8 @@ use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
+
+use crate::webhook::auth::PeerCertificates;
 use tower::ServiceExt;
 
 /// How long a connection whose deadline passed may take to shut down gracefully.
@@ -232,7 +234,7 @@ impl Connection {
     async fn serve(self, tcp: TcpStream, mut stop: watch::Receiver<Option<Duration>>) {
         let limits = self.limits.clone();
         let Some(tls) = self.tls.clone() else {
-            return self.http(tcp, false, stop).await;
+            return self.http(tcp, false, None, stop).await;
         };
         let handshake = tokio::time::timeout(limits.tls_handshake_timeout, tls.accept(tcp));
         let stream = tokio::select! {
@@ -250,13 +252,20 @@ impl Connection {
             () = stopped(&mut stop) => return,
         };
         let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-        self.http(stream, h2 && limits.http2, stop).await;
+        // The client certificate, if any, for the caller check of every request.
+        let peer = PeerCertificates::of(stream.get_ref().1);
+        self.http(stream, h2 && limits.http2, peer, stop).await;
     }
 
     /// Serves HTTP on an established stream until a deadline passes, the client closes, or
     /// the server shuts down.
-    async fn http<T>(self, io: T, h2: bool, stop: watch::Receiver<Option<Duration>>)
-    where
+    async fn http<T>(
+        self,
+        io: T,
+        h2: bool,
+        peer: Option<PeerCertificates>,
+        stop: watch::Receiver<Option<Duration>>,
+    ) where
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let limits = &self.limits;
@@ -274,7 +283,10 @@ impl Connection {
         let router = self.router;
         let service = {
             let dog = dog.clone();
-            hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+            hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+                if let Some(peer) = &peer {
+                    request.extensions_mut().insert(peer.clone());
+                }
                 let busy = dog.begin();
                 let router = router.clone();
                 async move {

@@ -4,6 +4,7 @@
 //! JSON patch written into the machine ([`patch`]). It decides nothing about addresses:
 //! [`crate::assign`] does.
 
+pub mod auth;
 pub mod certs;
 pub mod listen;
 pub mod listener;

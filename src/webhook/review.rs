@@ -50,7 +50,10 @@ pub async fn review(
     let decision = {
         let assigner = assigner.clone();
         let request = request.clone();
-        tokio::spawn(async move { decide(&assigner, &request).await }.instrument(span.clone()))
+        // The caller's budget of pending claims goes with it (a task-local).
+        let budget = crate::assign::pending::current_budget();
+        let decide = async move { decide(&assigner, &request).await };
+        tokio::spawn(crate::assign::pending::with_budget(budget, decide).instrument(span.clone()))
             .await
             .unwrap_or_else(|e| Decision::Deny {
                 code: 500,
@@ -115,9 +118,12 @@ pub fn respond(request: &AdmissionRequest<DynamicObject>, decision: Decision) ->
 fn reason_for(code: u16) -> &'static str {
     match code {
         400 => "BadRequest",
+        401 => "Unauthorized",
+        403 => "Forbidden",
         404 => "NotFound",
         409 => "Conflict",
         422 => "Invalid",
+        429 => "TooManyRequests",
         503 => "ServiceUnavailable",
         _ => "InternalError",
     }

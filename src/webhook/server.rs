@@ -22,7 +22,9 @@ use serde_json::Value;
 use tokio::sync::Semaphore;
 
 use crate::assign::Assigner;
+use crate::assign::pending;
 use crate::metrics::Metrics;
+use crate::webhook::auth::{Authenticator, Credentials};
 use crate::webhook::listener::Limits;
 use crate::webhook::review as admission;
 
@@ -41,6 +43,8 @@ pub struct AppState {
     pub stopping: Arc<AtomicBool>,
     /// The body deadline and size, and the cap on reviews in flight.
     pub reviews: ReviewLimits,
+    /// Who may send reviews.
+    pub auth: Arc<Authenticator>,
 }
 
 /// The limits kept per review: its body's size and deadline, and how many run at once.
@@ -147,7 +151,7 @@ async fn read_body(limits: &ReviewLimits, body: Body) -> Result<Bytes, Response>
     }
 }
 
-async fn mutate(State(state): State<AppState>, body: Body) -> Response {
+async fn mutate(State(state): State<AppState>, credentials: Credentials, body: Body) -> Response {
     let body = match read_body(&state.reviews, body).await {
         Ok(body) => body,
         Err(response) => {
@@ -186,6 +190,19 @@ async fn mutate(State(state): State<AppState>, body: Body) -> Response {
             Err(_) => (StatusCode::TOO_MANY_REQUESTS, message).into_response(),
         };
     };
+    // Then the caller: nothing is decided (and nothing written) for a refused one.
+    let budget = match state.auth.admit(&credentials).await {
+        Ok(budget) => budget,
+        Err(decision) => {
+            timer.result("denied");
+            return json_response(
+                match TryInto::<AdmissionRequest<DynamicObject>>::try_into(review) {
+                    Ok(request) => admission::respond(&request, decision).into_review(),
+                    Err(e) => admission::unreadable(&body, &e),
+                },
+            );
+        }
+    };
     if !state.assigner.caches.ready()
         && tokio::time::timeout(SYNC_WAIT, state.assigner.caches.wait_ready())
             .await
@@ -199,7 +216,7 @@ async fn mutate(State(state): State<AppState>, body: Body) -> Response {
         };
         return json_response(admission::respond(&request, decision).into_review());
     }
-    let answer = admission::review(&state.assigner, review).await;
+    let answer = pending::with_budget(budget, admission::review(&state.assigner, review)).await;
     timer.result(match &answer.response {
         Some(r) if !r.allowed => "denied",
         Some(r) if r.patch.is_some() => "patched",

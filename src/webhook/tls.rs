@@ -158,11 +158,24 @@ impl ReloadingCert {
     /// A rustls server configuration that serves this certificate, offering HTTP/1.1 and,
     /// when `http2`, h2 first.
     pub fn server_config(&self, http2: bool) -> rustls::ServerConfig {
-        let mut config = rustls::ServerConfig::builder_with_provider(self.provider.clone())
+        self.server_config_with_client_auth(http2, None)
+    }
+
+    /// The same, asking clients for a certificate through `client_auth` when given (see
+    /// [`crate::webhook::auth::Authenticator::tls_verifier`]).
+    pub fn server_config_with_client_auth(
+        &self,
+        http2: bool,
+        client_auth: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+    ) -> rustls::ServerConfig {
+        let builder = rustls::ServerConfig::builder_with_provider(self.provider.clone())
             .with_safe_default_protocol_versions()
-            .expect("the ring provider supports the default protocol versions")
-            .with_no_client_auth()
-            .with_cert_resolver(Arc::new(self.clone()));
+            .expect("the ring provider supports the default protocol versions");
+        let builder = match client_auth {
+            Some(verifier) => builder.with_client_cert_verifier(verifier),
+            None => builder.with_no_client_auth(),
+        };
+        let mut config = builder.with_cert_resolver(Arc::new(self.clone()));
         config.alpn_protocols = if http2 {
             vec![b"h2".to_vec(), b"http/1.1".to_vec()]
         } else {

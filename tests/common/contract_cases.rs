@@ -1474,11 +1474,11 @@ pub fn review(
 
 /// POSTs a body straight to the webhook over HTTPS; returns (status, body as JSON or text).
 pub async fn post_raw(hook: &Webhook, body: Vec<u8>) -> (u16, Result<Value, String>) {
-    let client = reqwest::Client::builder()
-        .use_rustls_tls()
-        .add_root_certificate(reqwest::Certificate::from_pem(hook.ca_pem.as_bytes()).unwrap())
-        .build()
-        .unwrap();
+    // As the apiserver does: with its client certificate.
+    let client = crate::common::webhook::https_client(
+        &hook.ca_pem,
+        crate::common::webhook::caller_identity(),
+    );
     let url = format!("https://{}/mutate-elfmachine", hook.running.webhook_addr);
     let response = client
         .post(url)

@@ -37,6 +37,7 @@ pub struct ControlPlane {
     url: String,
     admin_token: String,
     webhook_token: String,
+    caller_token: String,
 }
 
 static CURRENT: OnceLock<Result<ControlPlane, String>> = OnceLock::new();
@@ -118,6 +119,7 @@ fn start(set: CrdSet) -> Result<ControlPlane, String> {
         url: var("APISERVER_URL")?,
         admin_token: var("ADMIN_TOKEN")?,
         webhook_token: var("WEBHOOK_TOKEN")?,
+        caller_token: var("CALLER_TOKEN")?,
         dir,
     })
 }
@@ -227,6 +229,42 @@ impl ControlPlane {
     pub fn webhook_token(&self) -> &str {
         &self.webhook_token
     }
+    /// The token the apiserver presents to admission webhooks (user `cape-static-ip-apiserver`,
+    /// see hack/controlplane/cluster.sh).
+    pub fn caller_token(&self) -> &str {
+        &self.caller_token
+    }
+    /// The CA that signed the client certificate the apiserver presents to admission webhooks.
+    pub fn caller_ca_file(&self) -> PathBuf {
+        self.dir.join("caller-ca.crt")
+    }
+    /// That client certificate (CN kube-apiserver-kubelet-client, O kubeadm:cluster-admins)
+    /// and its key, both PEM.
+    pub fn caller_cert_and_key(&self) -> String {
+        let read = |f: &str| {
+            std::fs::read_to_string(self.dir.join(f))
+                .unwrap_or_else(|e| panic!("reading {f} of the control plane: {e}"))
+        };
+        format!("{}{}", read("caller.crt"), read("caller.key"))
+    }
+    /// What a webhook under test accepts, in `mode`: the apiserver's client certificate (its
+    /// CA) and its token (TokenReview), as the identities the control plane gives them.
+    pub fn caller_auth(
+        &self,
+        mode: cape_static_ip::webhook::auth::Mode,
+    ) -> cape_static_ip::webhook::auth::AuthOptions {
+        cape_static_ip::webhook::auth::AuthOptions {
+            mode,
+            client_ca_file: Some(self.caller_ca_file()),
+            token_review: true,
+            allowed_users: vec![
+                "kube-apiserver-kubelet-client".into(),
+                "cape-static-ip-apiserver".into(),
+            ],
+            ..cape_static_ip::webhook::auth::AuthOptions::off()
+        }
+    }
+
     /// The apiserver's self-signed serving certificate chain (PEM).
     pub fn apiserver_cert_pem(&self) -> PathBuf {
         self.dir.join("certs/apiserver.crt")

@@ -47,6 +47,11 @@ pub struct WebhookOptions {
     pub reuse_delay: Duration,
     /// The address both endpoints listen on (port 0: any); default `127.0.0.1`.
     pub listen_ip: std::net::IpAddr,
+    /// Who may send reviews; `None`: `enforce`, accepting the credentials the test control
+    /// plane's apiserver presents ([`super::controlplane::ControlPlane::caller_auth`]).
+    pub auth: Option<cape_static_ip::webhook::auth::AuthOptions>,
+    /// The cap on pending claims.
+    pub caps: cape_static_ip::assign::pending::Caps,
 }
 
 /// A serving certificate and key on disk, and the CA (PEM) that signed the certificate.
@@ -71,6 +76,8 @@ impl Default for WebhookOptions {
             limits: Default::default(),
             reuse_delay: Duration::ZERO,
             listen_ip: std::net::Ipv4Addr::LOCALHOST.into(),
+            auth: None,
+            caps: Default::default(),
         }
     }
 }
@@ -117,6 +124,11 @@ pub async fn start(client: &Client, namespace: &str, options: WebhookOptions) ->
         (false, [cp]) => cp.client_as_webhook_user().await,
         _ => client.clone(),
     };
+    let auth = match (&options.auth, started.as_slice()) {
+        (Some(auth), _) => auth.clone(),
+        (None, [cp]) => cp.caller_auth(cape_static_ip::webhook::auth::Mode::Enforce),
+        (None, _) => cape_static_ip::webhook::auth::AuthOptions::off(),
+    };
     let running = serve::start(
         webhook_client,
         Options {
@@ -133,6 +145,8 @@ pub async fn start(client: &Client, namespace: &str, options: WebhookOptions) ->
             shutdown_delay: Duration::ZERO,
             background: options.background,
             limits: options.limits.clone(),
+            auth,
+            caps: options.caps,
         },
     )
     .await
@@ -157,6 +171,31 @@ pub async fn start(client: &Client, namespace: &str, options: WebhookOptions) ->
         certs_dir: dir,
         client: client.clone(),
     }
+}
+
+/// The client certificate the test control plane's apiserver presents to webhooks, for tests
+/// that post reviews straight to the webhook as the apiserver would.
+pub fn caller_identity() -> Option<reqwest::Identity> {
+    match super::controlplane::started().as_slice() {
+        [cp] => Some(
+            reqwest::Identity::from_pem(cp.caller_cert_and_key().as_bytes())
+                .expect("the caller certificate and key load"),
+        ),
+        _ => None,
+    }
+}
+
+/// An HTTPS client for the webhook that trusts `ca_pem` and, with `identity`, presents that
+/// client certificate.
+pub fn https_client(ca_pem: &str, identity: Option<reqwest::Identity>) -> reqwest::Client {
+    let mut builder = reqwest::Client::builder()
+        .use_rustls_tls()
+        .add_root_certificate(reqwest::Certificate::from_pem(ca_pem.as_bytes()).unwrap())
+        .timeout(Duration::from_secs(30));
+    if let Some(identity) = identity {
+        builder = builder.identity(identity);
+    }
+    builder.build().unwrap()
 }
 
 /// Registers a MutatingWebhookConfiguration for `namespace` pointing at `addr`, with the
