@@ -18,6 +18,7 @@ pub mod cluster;
 pub mod cmd;
 pub mod contract;
 pub mod events;
+pub mod fault;
 pub mod ipam;
 pub mod lifecycle;
 pub mod metrics;

@@ -17,6 +17,11 @@
 #       --watch PID: a detached watchdog stops both processes once PID has exited.
 #   cluster.sh down DIR
 #       Stops what `up DIR` started (SIGTERM, then SIGKILL). Idempotent. Leaves DIR in place.
+#   cluster.sh kill DIR etcd|apiserver
+#       SIGKILLs one process of the cluster (fault tests) and waits until it is gone.
+#   cluster.sh start DIR etcd|apiserver
+#       Starts it again on the same ports with the same data, certificates and flags, and waits
+#       until it is ready; the kubeconfigs stay valid.
 #
 # Several clusters (different DIRs) can run at once.
 set -euo pipefail
@@ -61,9 +66,12 @@ on_failure() {
 }
 
 # start_etcd: returns non-zero if etcd exits or is not healthy within 20 s.
+# ETCD_CLIENT_PORT and ETCD_PEER_PORT, when set, are used instead of free ones (a restart).
 start_etcd() {
-  local client peer
-  client=$(free_port); peer=$(free_port)
+  local client=${ETCD_CLIENT_PORT:-} peer=${ETCD_PEER_PORT:-}
+  [[ -n "$client" ]] || client=$(free_port)
+  [[ -n "$peer" ]] || peer=$(free_port)
+  ETCD_CLIENT_PORT=$client ETCD_PEER_PORT=$peer
   ETCD_URL="http://127.0.0.1:$client"
   setsid "$ETCD" --name default --data-dir "$DIR/etcd" \
     --listen-client-urls "$ETCD_URL" --advertise-client-urls "$ETCD_URL" \
@@ -81,8 +89,10 @@ start_etcd() {
 }
 
 # start_apiserver: returns non-zero if it exits or /readyz is not ok within 90 s.
+# APISERVER_PORT, when set, is used instead of a free port (a restart).
 start_apiserver() {
-  PORT=$(free_port)
+  PORT=${APISERVER_PORT:-}
+  [[ -n "$PORT" ]] || PORT=$(free_port)
   APISERVER_URL="https://127.0.0.1:$PORT"
   setsid "$APISERVER" --etcd-servers "$ETCD_URL" --cert-dir "$DIR/certs" \
     --secure-port "$PORT" --bind-address 127.0.0.1 --advertise-address 127.0.0.1 \
@@ -202,6 +212,7 @@ up() {
 
   # Ports are picked free but not reserved: retry a start that fails (e.g. a port clash).
   for i in 1 2 3; do start_etcd && break; stop_pid "$DIR/etcd.pid"; rm -rf "$DIR/etcd"
+    unset ETCD_CLIENT_PORT ETCD_PEER_PORT
     [[ $i == 3 ]] && die "etcd did not start"; echo "etcd failed to start, retrying" >&2; done
   for i in 1 2 3; do start_apiserver && break; stop_pid "$DIR/apiserver.pid"
     [[ $i == 3 ]] && die "kube-apiserver did not become ready"; echo "kube-apiserver failed to start, retrying" >&2; done
@@ -222,16 +233,22 @@ export CALLER_TOKEN=$CALLER_TOKEN
 export CALLER_CA_FILE=$DIR/caller-ca.crt
 export CALLER_CERT_FILE=$DIR/caller.crt
 export CALLER_KEY_FILE=$DIR/caller.key
+export ETCD_URL=$ETCD_URL
+export ETCD_CLIENT_PORT=$ETCD_CLIENT_PORT
+export ETCD_PEER_PORT=$ETCD_PEER_PORT
+export APISERVER_PORT=$PORT
 EOF
 
   if [[ -n "$watch" ]]; then
-    # Watchdog: once PID is gone, stop etcd and the apiserver (it removes nothing).
+    # Watchdog: once PID is gone, stop etcd and the apiserver (it removes nothing); their
+    # pids are read from DIR at that moment (`start` may have restarted them).
     # Its own command line names DIR, so `down` can recognise it.
     setsid bash -c 'while kill -0 "$1" 2>/dev/null; do sleep 1; done
-      kill -TERM "$2" "$3" 2>/dev/null
-      for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 "$2" 2>/dev/null || kill -0 "$3" 2>/dev/null || exit 0; sleep 0.3; done
-      kill -KILL "$2" "$3" 2>/dev/null; true' \
-      watchdog "$watch" "$APISERVER_PID" "$ETCD_PID" "$DIR" >/dev/null 2>&1 </dev/null &
+      a=$(cat "$2/apiserver.pid" 2>/dev/null); e=$(cat "$2/etcd.pid" 2>/dev/null)
+      kill -TERM $a $e 2>/dev/null
+      for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 $a 2>/dev/null || kill -0 $e 2>/dev/null || exit 0; sleep 0.3; done
+      kill -KILL $a $e 2>/dev/null; true' \
+      watchdog "$watch" "$DIR" >/dev/null 2>&1 </dev/null &
     echo $! >"$DIR/watchdog.pid"
   fi
 
@@ -254,11 +271,39 @@ EOF
     "$APISERVER_URL (KUBECONFIG=$DIR/kubeconfig)"
 }
 
-[[ $# -ge 2 ]] || die "usage: cluster.sh up DIR [--crds SUBDIR]... [--watch PID] | cluster.sh down DIR"
+# kill_one etcd|apiserver: SIGKILL, then wait until the process is gone.
+kill_one() {
+  local file="$DIR/$1.pid" pid
+  [[ -f "$file" ]] || die "no $file"
+  pid=$(<"$file")
+  grep -qaF "$DIR" "/proc/$pid/cmdline" 2>/dev/null || die "$1 (pid $pid) is not running"
+  kill -KILL "$pid"
+  for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.05; done
+  die "$1 (pid $pid) survived SIGKILL"
+}
+
+# start_one etcd|apiserver: again, on the ports, data and certificates that `up` chose.
+start_one() {
+  # shellcheck disable=SC1091
+  source "$DIR/env"
+  mapfile -t bins < <(bash "$HERE/build.sh" --print)
+  APISERVER=${bins[0]} ETCD=${bins[2]}
+  case $1 in
+    etcd) start_etcd || die "etcd did not start again (see $DIR/etcd.log)"
+      sed -i "s/^export ETCD_PID=.*/export ETCD_PID=$ETCD_PID/" "$DIR/env" ;;
+    apiserver) start_apiserver || die "kube-apiserver did not become ready again (see $DIR/apiserver.log)"
+      sed -i "s/^export APISERVER_PID=.*/export APISERVER_PID=$APISERVER_PID/" "$DIR/env" ;;
+    *) die "unknown process: $1" ;;
+  esac
+}
+
+[[ $# -ge 2 ]] || die "usage: cluster.sh up DIR [--crds SUBDIR]... [--watch PID] | cluster.sh down DIR | cluster.sh kill|start DIR etcd|apiserver"
 cmd=$1 DIR=$2
 shift 2
 case $cmd in
   up) mkdir -p "$DIR"; DIR="$(cd "$DIR" && pwd)"; up "$@" ;;
   down) [[ -d "$DIR" ]] || exit 0; DIR="$(cd "$DIR" && pwd)"; down ;;
+  kill) DIR="$(cd "$DIR" && pwd)"; kill_one "${1:?etcd or apiserver}" ;;
+  start) DIR="$(cd "$DIR" && pwd)"; start_one "${1:?etcd or apiserver}" ;;
   *) die "unknown command: $cmd" ;;
 esac

@@ -493,6 +493,7 @@ impl Assigner {
             };
             match self.create_address(&object).await {
                 Ok(Created::Created(_)) => {
+                    crate::fault::point("after-address");
                     let _ = index.with_pool(pool, |s| s.commit(ip));
                     written.addresses.push(WrittenAddress {
                         namespace: pool.namespace.clone(),
@@ -653,6 +654,7 @@ impl Assigner {
                 ));
             }
         };
+        crate::fault::point("after-claim");
         written.claims.push(WrittenClaim {
             namespace: ns.clone(),
             name: lease.claim.clone(),
@@ -671,6 +673,7 @@ impl Assigner {
                     source,
                 )
             })?;
+        crate::fault::point("after-claim-status");
         if let Some(c) = written.claims.last_mut() {
             c.resource_version = version;
         }

@@ -115,6 +115,7 @@ impl Lifecycle {
         }
         self.release_orphan_addresses(&ns, &name, devices, &deleted_at.0)
             .await?;
+        crate::fault::point("before-finalizer-removal");
         remove_finalizer(&self.assigner.client, &machine).await?;
         self.assigner.events.emit(Note {
             regarding: events::machine_ref(&ns, &name, machine.uid()),
@@ -296,6 +297,7 @@ impl Lifecycle {
             Err(kube::Error::Api(s)) if s.code == 409 => return Ok(()),
             Err(e) => return Err(api(format!("deleting IPClaim {ns}/{name}"))(e)),
         };
+        crate::fault::point("after-claim-delete");
         if claim_state == writer::Deleted::Missing {
             // Another replica released it, addresses included; what it may have left behind
             // is found by the machine's release or the sweep.
@@ -308,6 +310,7 @@ impl Lifecycle {
                 Err(kube::Error::Api(s)) if s.code == 409 => continue,
                 Err(e) => return Err(api(format!("deleting IPAddress {ns}/{address}"))(e)),
             };
+            crate::fault::point("after-address-delete");
             if state != writer::Deleted::Finalizing {
                 continue;
             }

@@ -217,6 +217,8 @@ async fn mutate(State(state): State<AppState>, credentials: Credentials, body: B
         return json_response(admission::respond(&request, decision).into_review());
     }
     let answer = pending::with_budget(budget, admission::review(&state.assigner, review)).await;
+    crate::fault::delay("before-answer").await;
+    crate::fault::point("before-answer");
     timer.result(match &answer.response {
         Some(r) if !r.allowed => "denied",
         Some(r) if r.patch.is_some() => "patched",

@@ -270,6 +270,49 @@ impl ControlPlane {
         self.dir.join("certs/apiserver.crt")
     }
 
+    /// One value of DIR/env (`export KEY=VALUE`), read now.
+    pub fn env(&self, key: &str) -> String {
+        let file = self.dir.join("env");
+        let env = std::fs::read_to_string(&file)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", file.display()));
+        env.lines()
+            .find_map(|l| {
+                l.strip_prefix("export ")?
+                    .strip_prefix(key)?
+                    .strip_prefix('=')
+            })
+            .map(str::to_owned)
+            .unwrap_or_else(|| panic!("{key} missing from {}", file.display()))
+    }
+
+    /// etcd's client URL (`http://127.0.0.1:<port>`).
+    pub fn etcd_url(&self) -> String {
+        self.env("ETCD_URL")
+    }
+
+    /// SIGKILLs `process` (`etcd` or `apiserver`) and waits until it is gone.
+    pub fn kill(&self, process: &str) {
+        self.cluster_sh("kill", process);
+    }
+
+    /// Starts `process` (`etcd` or `apiserver`) again on the same ports, with the same data
+    /// and certificates, and waits until it is ready.
+    pub fn start_again(&self, process: &str) {
+        self.cluster_sh("start", process);
+    }
+
+    fn cluster_sh(&self, command: &str, process: &str) {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("hack/controlplane/cluster.sh");
+        if let Err(e) = run(Command::new("bash")
+            .arg(script)
+            .arg(command)
+            .arg(&self.dir)
+            .arg(process))
+        {
+            panic!("cluster.sh {command} {process}: {e}");
+        }
+    }
+
     /// A client authenticated as the admin.
     pub async fn client(&self) -> kube::Client {
         client_from(&self.kubeconfig).await

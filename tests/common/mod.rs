@@ -1,4 +1,5 @@
 #![allow(dead_code)]
+pub mod child;
 pub mod controllers;
 pub mod controlplane;
 pub mod life;

@@ -268,7 +268,7 @@ pub async fn register_with(
 
 /// Waits until the apiserver calls the webhook for `namespace` (its configuration is
 /// picked up asynchronously): a dry-run create that only our webhook would deny.
-async fn wait_until_called(client: &Client, namespace: &str) {
+pub async fn wait_until_called(client: &Client, namespace: &str) {
     let api = machines(client, namespace);
     let probe = json!({
         "apiVersion": "infrastructure.cluster.x-k8s.io/v1beta1",

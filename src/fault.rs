@@ -1,0 +1,119 @@
+//! Test-only fault points: the process dies (or waits) at a named boundary of a write chain,
+//! so that integration tests can check what a crash at that instant leaves behind.
+//!
+//! Compiled in only with the cargo feature `fault-points`, which the test builds enable (a
+//! dev-dependency of the crate on itself) and the release binary never has (`make release`,
+//! `make image` and `cargo build --release` build without it). Without the feature every
+//! function here is an empty inline function.
+//!
+//! With the feature, two environment variables arm them, read on each hit:
+//! - `CAPE_STATIC_IP_FAULT_POINT=NAME` aborts the process (as abruptly as SIGKILL: no
+//!   destructor, no flush, no answer) at the first hit of the point NAME; `NAME:N` at its N-th
+//!   hit (counted from the start of the process);
+//! - `CAPE_STATIC_IP_FAULT_DELAY=NAME=DURATION` (humantime, `NAME:N=DURATION` for the N-th
+//!   hit only; several separated by commas) makes [`delay`] wait that long at the point.
+//!
+//! Points (the admission write chain, then release):
+//! `after-address`, `after-claim`, `after-claim-status`, `before-answer`,
+//! `after-claim-delete`, `after-address-delete`, `before-finalizer-removal`.
+
+/// Dies here when armed (see the module comment).
+#[inline]
+pub fn point(name: &'static str) {
+    #[cfg(feature = "fault-points")]
+    armed::point(name);
+    #[cfg(not(feature = "fault-points"))]
+    let _ = name;
+}
+
+/// Waits here when armed (see the module comment).
+#[inline]
+pub async fn delay(name: &'static str) {
+    #[cfg(feature = "fault-points")]
+    armed::delay(name).await;
+    #[cfg(not(feature = "fault-points"))]
+    let _ = name;
+}
+
+#[cfg(feature = "fault-points")]
+mod armed {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    pub const POINT_VAR: &str = "CAPE_STATIC_IP_FAULT_POINT";
+    pub const DELAY_VAR: &str = "CAPE_STATIC_IP_FAULT_DELAY";
+
+    static HITS: Mutex<Option<HashMap<(&'static str, &'static str), u64>>> = Mutex::new(None);
+
+    /// Counts one hit of `name` for `var`; returns the hit's number (1-based).
+    fn hit(var: &'static str, name: &'static str) -> u64 {
+        let mut hits = HITS.lock().unwrap_or_else(|e| e.into_inner());
+        let n = hits
+            .get_or_insert_with(HashMap::new)
+            .entry((var, name))
+            .or_default();
+        *n += 1;
+        *n
+    }
+
+    /// Whether `spec` (`NAME` or `NAME:N`) names this hit of `name`.
+    pub fn matches(spec: &str, name: &str, nth: u64) -> bool {
+        match spec.split_once(':') {
+            None => spec == name && nth == 1,
+            Some((n, count)) => n == name && count.parse() == Ok(nth),
+        }
+    }
+
+    pub fn point(name: &'static str) {
+        let Ok(spec) = std::env::var(POINT_VAR) else {
+            return;
+        };
+        if !spec.starts_with(name) {
+            return;
+        }
+        let nth = hit(POINT_VAR, name);
+        if matches(&spec, name, nth) {
+            eprintln!("fault point {name} (hit {nth}): aborting");
+            std::process::abort();
+        }
+    }
+
+    pub async fn delay(name: &'static str) {
+        let Ok(value) = std::env::var(DELAY_VAR) else {
+            return;
+        };
+        if !value.contains(name) {
+            return;
+        }
+        let nth = hit(DELAY_VAR, name);
+        for item in value.split(',') {
+            let Some((spec, duration)) = item.split_once('=') else {
+                continue;
+            };
+            let Ok(duration) = humantime::parse_duration(duration.trim()) else {
+                continue;
+            };
+            let spec = spec.trim();
+            if spec == name || matches(spec, name, nth) {
+                eprintln!("fault point {name} (hit {nth}): waiting {duration:?}");
+                tokio::time::sleep(duration).await;
+                return;
+            }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::matches;
+
+        #[test]
+        fn specs() {
+            assert!(matches("after-address", "after-address", 1));
+            assert!(!matches("after-address", "after-address", 2));
+            assert!(matches("after-address:3", "after-address", 3));
+            assert!(!matches("after-address:3", "after-address", 2));
+            assert!(!matches("after-claim", "after-claim-status", 1));
+            assert!(!matches("after-claim:1", "after-claim-status", 1));
+        }
+    }
+}
