@@ -388,6 +388,26 @@ async fn a_webhook_killed_at_each_write_leaves_no_address_twice_and_nothing_behi
     let started = Instant::now();
     let last = unarmed(&config, "settle", &client, &[]).await;
     let final_census = settled(&client, &namespaces, &last, started).await;
+    // Pools holding our addresses carry our finalizer (the shipped ClusterRole allows it).
+    for ns in &namespaces {
+        eventually(Duration::from_secs(30), "pool finalizer", || async {
+            let pools = common::webhook::dynamic(
+                &client,
+                ns,
+                "ipam.metal3.io",
+                "v1alpha1",
+                "IPPool",
+                "ippools",
+            );
+            let pool = pools.get("pool").await.unwrap();
+            pool.metadata
+                .finalizers
+                .unwrap_or_default()
+                .iter()
+                .any(|f| f == "static-ip.infrastructure.cluster.x-k8s.io/pool-in-use")
+        })
+        .await;
+    }
     for ((point, _, creates, retries, before), c) in rows.iter().zip(&final_census) {
         report(point, *creates, *retries, c);
         println!("      left before the grace period: {before}");
