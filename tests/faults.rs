@@ -343,6 +343,21 @@ async fn a_webhook_killed_at_each_write_leaves_no_address_twice_and_nothing_behi
 
     let mut rows = Vec::new();
     for (point, ns) in admission.iter().zip(&namespaces) {
+        // A create that dies there and is never retried (the MachineSet scaled down): what
+        // it wrote is released after the grace period.
+        let mut armed = config.spawn(
+            &format!("{point}-lost"),
+            &[("CAPE_STATIC_IP_FAULT_POINT", point)],
+        );
+        armed.ready().await;
+        let lost = create(&client, ns, capi_machine("lost", "tpl", devices(2))).await;
+        let status = armed.exited(Duration::from_secs(60)).await;
+        assert!(!status.success(), "{point}: {status}");
+        assert!(
+            lost.is_err(),
+            "{point}: a create went through a webhook that died before answering"
+        );
+        // A create that dies there and is retried as CAPI does.
         let mut armed = config.spawn(point, &[("CAPE_STATIC_IP_FAULT_POINT", point)]);
         armed.ready().await;
         let task = {
@@ -362,7 +377,7 @@ async fn a_webhook_killed_at_each_write_leaves_no_address_twice_and_nothing_behi
         create_as_capi(&client, ns, "after", "tpl", 2).await;
         let c = census(&client, ns).await;
         assert!(c.sound(), "{point}: {c:?}");
-        rows.push((point.to_string(), ns.clone(), 3, retries, c.left()));
+        rows.push((point.to_string(), ns.clone(), 4, retries, c.left()));
     }
     for (point, ns) in release.iter().zip(&namespaces[admission.len()..]) {
         let mut calm = unarmed(&config, &format!("{point}-before"), &client, &[]).await;
