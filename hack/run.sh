@@ -45,7 +45,13 @@ else
 fi
 
 echo "building cape-static-ip..."
-cargo build --quiet --bin cape-static-ip
+# Built the way `make test` builds it (`cargo test` unifies the features of the test-only
+# dependencies into every crate it compiles; a plain `cargo build` would compile most of the
+# dependency tree a second time with other features): after `make test` this is a no-op, and
+# after an edit it recompiles only this crate. The test build also carries the test-only fault
+# points (cargo feature `fault-points`, armed only by an environment variable that `make run`
+# never sets); release builds (`make release`, `make image`) never do.
+cargo test --quiet --no-run --test controlplane
 BIN=$ROOT/target/debug/cape-static-ip
 [[ -f certs/tls.crt && -f certs/tls.key && -f certs/ca.crt ]] || "$BIN" certs --out certs
 
