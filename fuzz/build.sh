@@ -16,4 +16,4 @@ export RUSTFLAGS="-Cpasses=sancov-module \
 bins=()
 for t in "$@"; do bins+=(--bin "$t"); done
 cargo build --release --locked --target "$triple" "${bins[@]}"
-echo "fuzz/target/$triple/release"
+echo "$PWD/target/$triple/release"

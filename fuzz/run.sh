@@ -6,8 +6,9 @@
 #   FUZZ_TIME=30 fuzz/run.sh pool      a short run
 #   FUZZ_REPLAY=1 fuzz/run.sh          replay the committed corpus once (regression check)
 #
-# New inputs go to fuzz/work/<target>/ (not committed); at the end of a run those that add
-# coverage are merged into fuzz/corpus/<target>/ (commit them). A crash leaves its input in
+# New inputs go to fuzz/work/<target>/ (not committed); at the end of a run the committed
+# corpus and the new inputs are minimized together (libFuzzer -merge=1) into a new
+# fuzz/corpus/<target>/: review and commit it. A crash leaves its input in
 # fuzz/artifacts/<target>/, the run goes on with the next target, and the script fails.
 # Reproduce one: fuzz/target/<triple>/release/<target> fuzz/artifacts/<target>/crash-...
 set -euo pipefail
@@ -22,7 +23,9 @@ for t in "${targets[@]}"; do
     mkdir -p "work/$t" "artifacts/$t" "corpus/$t"
     dict=()
     [ -f "dict/$t.dict" ] && dict=(-dict="dict/$t.dict")
-    common=(-rss_limit_mb=2048 -timeout=10 -max_len=16384 -print_final_stats=1
+    max_len=2048
+    [ "$t" = review ] && max_len=16384 # the captured reviews are up to 9 KB
+    common=(-rss_limit_mb=2048 -timeout=10 -max_len=$max_len -print_final_stats=1
         -artifact_prefix="artifacts/$t/" "${dict[@]}")
     log="logs/$t.log"
     if [ -n "${FUZZ_REPLAY:-}" ]; then
@@ -42,9 +45,14 @@ for t in "${targets[@]}"; do
     secs=$(sed -n 's/^Done [0-9]* runs in \([0-9]*\) second.*/\1/p' "$log" | tail -1)
     cov=$(grep -oE 'cov: [0-9]+ ft: [0-9]+' "$log" | tail -1 || true)
     if [ -z "${FUZZ_REPLAY:-}" ] && [ "$status" = ok ]; then
-        nice -n 19 "$bin/$t" -merge=1 "${common[@]}" "corpus/$t" "work/$t" >"logs/$t.merge.log" 2>&1 || true
+        # Minimize: the smallest set of inputs (old corpus + new) with the same coverage.
+        rm -rf "work/$t.min" && mkdir -p "work/$t.min"
+        if nice -n 19 "$bin/$t" -merge=1 "${common[@]}" "work/$t.min" "corpus/$t" "work/$t" \
+            >"logs/$t.merge.log" 2>&1; then
+            rm -rf "corpus/$t" && mv "work/$t.min" "corpus/$t"
+        fi
     fi
-    echo "   $status: ${runs:-?} executions in ${secs:-?} s, ${cov:-no coverage line}, corpus/$t: $(ls "corpus/$t" | wc -l) inputs, $(du -sh "corpus/$t" | cut -f1); log fuzz/$log"
+    echo "   $status: ${runs:-?} executions in ${secs:-?} s, ${cov:-no coverage line}, corpus/$t: $(ls "corpus/$t" | wc -l) inputs, $(du -s --apparent-size -k "corpus/$t" | cut -f1) KiB; log fuzz/$log"
 done
 if [ ${#failed[@]} -gt 0 ]; then
     echo "crashes in: ${failed[*]} (inputs in fuzz/artifacts/)" >&2

@@ -189,12 +189,21 @@ fn expected(object: &Value, leases: &[Lease], name: Option<&str>, per_device: bo
         .unwrap()
         .entry("finalizers")
         .or_insert_with(|| json!([]));
-    if !fin.as_array().unwrap().iter().any(|f| f == STATIC_IP_FINALIZER) {
+    if !fin
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f == STATIC_IP_FINALIZER)
+    {
         fin.as_array_mut().unwrap().push(json!(STATIC_IP_FINALIZER));
     }
     let original_dns: Vec<String> = object["spec"]["network"]["nameservers"]
         .as_array()
-        .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
         .unwrap_or_default();
     let mut dns = original_dns.clone();
     for l in leases {

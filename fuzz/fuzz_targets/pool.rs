@@ -13,7 +13,7 @@
 //! - a full pool says so exactly when nothing is free; `used() + free() == size()`.
 #![no_main]
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
 use arbitrary::{Arbitrary, Unstructured};
@@ -149,7 +149,12 @@ fn run(spec: IPPoolSpec, mut u: Unstructured<'_>) {
         return;
     };
     let model = Model::new(&pool);
-    assert_eq!(pool.size() as u64, model.size(), "size of {:?}", pool.ranges);
+    assert_eq!(
+        pool.size() as u64,
+        model.size(),
+        "size of {:?}",
+        pool.ranges
+    );
     let seed = u64::arbitrary(&mut u).unwrap_or(0);
     let ops: Vec<Op> = Vec::arbitrary(&mut u).unwrap_or_default();
     let known: Vec<Addr> = Vec::arbitrary(&mut u).unwrap_or_default();
@@ -159,7 +164,11 @@ fn run(spec: IPPoolSpec, mut u: Unstructured<'_>) {
     let mut state = PoolState::new(pool.clone(), known.iter().map(|&a| Ipv4Addr::from(a)));
     // Addresses handed out by reserve and not yet committed or given back.
     let mut reserved: BTreeSet<u32> = BTreeSet::new();
-    let pinned: BTreeSet<u32> = pool.pre_allocations.values().map(|&a| u32::from(a)).collect();
+    let pinned: BTreeSet<u32> = pool
+        .pre_allocations
+        .values()
+        .map(|&a| u32::from(a))
+        .collect();
     let sequential = pool.strategy == cape_static_ip::ipam::Strategy::Sequential;
     for op in ops.into_iter().take(200) {
         match op {
@@ -293,14 +302,30 @@ impl Model {
             assert!(pool.contains(p), "pre-allocation {p} outside the ranges");
         }
         Model {
-            ranges: pool.ranges.iter().map(|r| (r.first, r.last, r.prefix)).collect(),
-            gateways: pool.ranges.iter().filter_map(|r| r.gateway).map(u32::from).collect(),
-            pinned: pool.pre_allocations.values().map(|&a| u32::from(a)).collect(),
+            ranges: pool
+                .ranges
+                .iter()
+                .map(|r| (r.first, r.last, r.prefix))
+                .collect(),
+            gateways: pool
+                .ranges
+                .iter()
+                .filter_map(|r| r.gateway)
+                .map(u32::from)
+                .collect(),
+            pinned: pool
+                .pre_allocations
+                .values()
+                .map(|&a| u32::from(a))
+                .collect(),
         }
     }
 
     fn owner(&self, a: u32) -> Option<(u32, u32, u8)> {
-        self.ranges.iter().copied().find(|&(f, l, _)| (f..=l).contains(&a))
+        self.ranges
+            .iter()
+            .copied()
+            .find(|&(f, l, _)| (f..=l).contains(&a))
     }
 
     /// In a range, not a gateway, not its owner's network or broadcast address.
@@ -408,7 +433,11 @@ fn intervals(mut u: Unstructured<'_>) {
         assert_eq!(set.contains(p), model.contains(&p));
         assert_eq!(set.first_at_or_after(p), model.range(p..).next().copied());
         let lo = at(probe / 2);
-        let gaps: Vec<u64> = set.gaps_within(lo, p).into_iter().flat_map(|(a, b)| a..=b).collect();
+        let gaps: Vec<u64> = set
+            .gaps_within(lo, p)
+            .into_iter()
+            .flat_map(|(a, b)| a..=b)
+            .collect();
         let want: Vec<u64> = (lo..=p).filter(|x| !model.contains(x)).collect();
         assert_eq!(gaps, want);
     }

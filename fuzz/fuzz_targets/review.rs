@@ -24,7 +24,7 @@ fuzz_target!(|data: &[u8]| {
         Ok(r) => r,
         Err(e) => {
             let answer = review::unreadable(data, &e);
-            let response = encode(&answer);
+            let response = encode(&answer, "AdmissionReview");
             assert!(!response.allowed);
             assert_eq!(response.result.code, 400);
             return;
@@ -34,7 +34,7 @@ fuzz_target!(|data: &[u8]| {
         Ok(r) => r,
         Err(e) => {
             let answer = review::unreadable(b"", &format!("not an admission request: {e}"));
-            assert!(!encode(&answer).allowed);
+            assert!(!encode(&answer, "AdmissionReview").allowed);
             return;
         }
     };
@@ -82,7 +82,8 @@ fuzz_target!(|data: &[u8]| {
         assert!(!message.is_empty());
     }
     let answer = review::respond(&request, decision).into_review();
-    let response = encode(&answer);
+    // The answer echoes the request's apiVersion and kind (admission.k8s.io/v1 or v1beta1).
+    let response = encode(&answer, &request.types.kind);
     assert_eq!(response.uid, request.uid);
     assert_eq!(response.allowed, !denied);
 });
@@ -99,12 +100,14 @@ fn lease(device: usize, salt: usize) -> Lease {
         address: Ipv4Addr::from(n),
         prefix: (n % 33) as u8,
         gateway: (n % 3 != 0).then(|| Ipv4Addr::from(n ^ 0xff)),
-        dns_servers: (0..n % 5).map(|k| Ipv4Addr::from(n.wrapping_add(k))).collect(),
+        dns_servers: (0..n % 5)
+            .map(|k| Ipv4Addr::from(n.wrapping_add(k)))
+            .collect(),
     }
 }
 
 /// Encodes the answer as the server does (JSON, patch in base64) and reads it back.
-fn encode(answer: &AdmissionReview<DynamicObject>) -> AdmissionResponse {
+fn encode(answer: &AdmissionReview<DynamicObject>, kind: &str) -> AdmissionResponse {
     let mut value = serde_json::to_value(answer).expect("an answer encodes");
     let response = answer.response.clone().expect("an answer has a response");
     if let Some(patch) = &response.patch {
@@ -116,6 +119,6 @@ fn encode(answer: &AdmissionReview<DynamicObject>) -> AdmissionResponse {
     }
     let text = value.to_string();
     let back: Value = serde_json::from_str(&text).expect("the answer is JSON");
-    assert_eq!(back["kind"], "AdmissionReview");
+    assert_eq!(back["kind"], kind);
     response
 }

@@ -469,6 +469,54 @@ mod tests {
         }
     }
 
+    fn request(text: &str) -> AdmissionRequest<DynamicObject> {
+        let review: AdmissionReview<DynamicObject> = serde_json::from_str(text).expect("a review");
+        review.try_into().expect("a request")
+    }
+
+    #[test]
+    fn prepare_decides_alone_when_no_device_needs_an_address() {
+        let r = request(include_str!("../../tests/fixtures/update-metadata.json"));
+        assert_eq!(prepare(&r).unwrap_err(), Decision::Allow);
+        let r = request(include_str!("../../tests/fixtures/bad-devices-string.json"));
+        let Decision::Deny { code, message } = prepare(&r).unwrap_err() else {
+            panic!("a string for devices is denied");
+        };
+        assert_eq!(code, 400);
+        assert!(message.contains("spec.network cannot be read"), "{message}");
+    }
+
+    #[test]
+    fn prepare_names_generated_machines_and_patched_writes_the_leases() {
+        let r = request(include_str!("../../tests/fixtures/generate-name.json"));
+        let p = prepare(&r).expect("a device needs an address");
+        let generated = p.generated.clone().expect("a name is chosen");
+        assert!(generated.starts_with("worker-") && generated.len() == "worker-".len() + 5);
+        assert_eq!(p.machine().name, generated);
+        let lease = Lease {
+            device: 0,
+            pool: crate::ipam::PoolKey {
+                namespace: "default".into(),
+                name: "p".into(),
+            },
+            claim: "c".into(),
+            address: [10, 0, 0, 5].into(),
+            prefix: 24,
+            gateway: None,
+            dns_servers: vec![],
+        };
+        let Decision::Patch(patch) = p.patched(&[lease], true) else {
+            panic!("leases give a patch");
+        };
+        let mut out = p.object_json.clone();
+        json_patch::patch(&mut out, &patch).expect("the patch applies");
+        assert_eq!(out["metadata"]["name"], generated.as_str());
+        assert_eq!(
+            out["spec"]["network"]["devices"][0]["ipAddrs"],
+            serde_json::json!(["10.0.0.5"])
+        );
+    }
+
     #[test]
     fn unreadable_bodies_keep_the_uid_when_there_is_one() {
         let r = response(br#"{"request": {"uid": "abc", "object": {"metadata": {"labels": 5}}}}"#);
