@@ -7,7 +7,7 @@
 #   FUZZ_REPLAY=1 fuzz/run.sh          replay the committed corpus once (regression check)
 #
 # New inputs go to fuzz/work/<target>/ (not committed); at the end of a run the committed
-# corpus and the new inputs are minimized together (libFuzzer -merge=1) into a new
+# corpus and the new inputs are minimized together (libFuzzer -set_cover_merge=1) into a new
 # fuzz/corpus/<target>/: review and commit it. A crash leaves its input in
 # fuzz/artifacts/<target>/, the run goes on with the next target, and the script fails.
 # Reproduce one: fuzz/target/<triple>/release/<target> fuzz/artifacts/<target>/crash-...
@@ -45,9 +45,9 @@ for t in "${targets[@]}"; do
     secs=$(sed -n 's/^Done [0-9]* runs in \([0-9]*\) second.*/\1/p' "$log" | tail -1)
     cov=$(grep -oE 'cov: [0-9]+ ft: [0-9]+' "$log" | tail -1 || true)
     if [ -z "${FUZZ_REPLAY:-}" ] && [ "$status" = ok ]; then
-        # Minimize: the smallest set of inputs (old corpus + new) with the same coverage.
+        # Minimize: a small set of inputs (old corpus + new) with the same features.
         rm -rf "work/$t.min" && mkdir -p "work/$t.min"
-        if nice -n 19 "$bin/$t" -merge=1 "${common[@]}" "work/$t.min" "corpus/$t" "work/$t" \
+        if nice -n 19 "$bin/$t" -set_cover_merge=1 "${common[@]}" "work/$t.min" "corpus/$t" "work/$t" \
             >"logs/$t.merge.log" 2>&1; then
             rm -rf "corpus/$t" && mv "work/$t.min" "corpus/$t"
         fi
