@@ -33,7 +33,9 @@ for t in "${targets[@]}"; do
     else
         args=(-max_total_time="$time_each" "work/$t" "corpus/$t")
     fi
-    echo "== $t: ${FUZZ_REPLAY:+replay of }corpus/$t ($(ls "corpus/$t" | wc -l) inputs)${FUZZ_REPLAY:- for ${time_each}s}"
+    what="for ${time_each}s"
+    [ -n "${FUZZ_REPLAY:-}" ] && what="replayed once"
+    echo "== $t: corpus/$t ($(ls "corpus/$t" | wc -l) inputs) $what"
     if nice -n 19 "$bin/$t" "${common[@]}" "${args[@]}" >"$log" 2>&1; then
         status=ok
     else
