@@ -4,7 +4,7 @@ include hack/controlplane/cluster.mk
 include hack/release.mk
 include hack/bench.mk
 
-.PHONY: all build run test lint fmt clean
+.PHONY: all build run test lint fmt clean fuzz fuzz-replay
 
 all: build
 
@@ -27,6 +27,16 @@ test: controlplane
 	cargo fmt --all -- --check
 	cargo clippy --all-targets -- -D warnings
 	cargo test --lib --bins --tests -- --test-threads=4
+
+## fuzz: each libFuzzer target (fuzz/) for FUZZ_TIME seconds (default 600), one after the
+## other on one core; stable toolchain, no cargo-fuzz needed. README, "Fuzzing".
+FUZZ_TIME ?= 600
+fuzz:
+	FUZZ_TIME=$(FUZZ_TIME) bash fuzz/run.sh $(FUZZ_TARGETS)
+
+## fuzz-replay: every input of the committed corpus once, through the instrumented targets.
+fuzz-replay:
+	FUZZ_REPLAY=1 bash fuzz/run.sh $(FUZZ_TARGETS)
 
 lint:
 	cargo fmt --all -- --check

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use tracing::Instrument;
 
-use crate::assign::{Assigner, MachineView, needs_address};
+use crate::assign::{Assigner, Lease, MachineView, needs_address};
 use crate::cluster::crd::ElfMachineSpec;
 use crate::webhook::patch::{self, Extras};
 
@@ -217,19 +217,77 @@ pub fn needs_review(operation: &Operation, object: &Value, old_object: Option<&V
 
 /// Decides what to do with a request (no I/O unless a device needs an address).
 pub async fn decide(assigner: &Assigner, request: &AdmissionRequest<DynamicObject>) -> Decision {
+    let prepared = match prepare(request) {
+        Ok(p) => p,
+        Err(decided) => return decided,
+    };
+    match assigner.assign(&prepared.machine(), request.dry_run).await {
+        Ok(leases) => prepared.patched(&leases, assigner.caches.schema.device_nameservers()),
+        Err(e) => deny(e.code(), e.to_string()),
+    }
+}
+
+/// A request read and checked, whose devices need addresses: what [`Assigner::assign`] takes
+/// ([`Prepared::machine`]) and what its leases are written into ([`Prepared::patched`]).
+#[derive(Debug)]
+pub struct Prepared<'a> {
+    pub object: &'a DynamicObject,
+    /// The object as JSON (the patch is built against it).
+    pub object_json: Value,
+    pub spec: ElfMachineSpec,
+    pub namespace: String,
+    /// `metadata.name`, or the name chosen here for a `generateName` request.
+    pub name: String,
+    /// The name chosen here, when the request had only `generateName`.
+    pub generated: Option<String>,
+    empty: BTreeMap<String, String>,
+}
+
+impl Prepared<'_> {
+    /// The machine as the assigner sees it.
+    pub fn machine(&self) -> MachineView<'_> {
+        MachineView {
+            namespace: &self.namespace,
+            name: &self.name,
+            uid: self.object.metadata.uid.as_deref(),
+            labels: self.object.metadata.labels.as_ref().unwrap_or(&self.empty),
+            annotations: self
+                .object
+                .metadata
+                .annotations
+                .as_ref()
+                .unwrap_or(&self.empty),
+            devices: &self.spec.network.devices,
+        }
+    }
+
+    /// The decision once `leases` were obtained.
+    pub fn patched(&self, leases: &[Lease], device_nameservers: bool) -> Decision {
+        let extras = Extras {
+            name: self.generated.as_deref(),
+            finalizer: true,
+            device_nameservers,
+        };
+        Decision::Patch(patch::build(&self.object_json, leases, &extras))
+    }
+}
+
+/// The pure part of [`decide`]: reads the request and either decides at once (`Err`: allow or
+/// deny, no address needed) or returns what the assigner needs. No I/O.
+pub fn prepare(request: &AdmissionRequest<DynamicObject>) -> Result<Prepared<'_>, Decision> {
     if request.kind.kind != "ElfMachine"
         || request
             .sub_resource
             .as_deref()
             .is_some_and(|s| !s.is_empty())
     {
-        return Decision::Allow;
+        return Err(Decision::Allow);
     }
     if !matches!(request.operation, Operation::Create | Operation::Update) {
-        return Decision::Allow;
+        return Err(Decision::Allow);
     }
     let Some(object) = &request.object else {
-        return deny(400, "ElfMachine request has no object".into());
+        return Err(deny(400, "ElfMachine request has no object".into()));
     };
     let namespace = request
         .namespace
@@ -239,13 +297,13 @@ pub async fn decide(assigner: &Assigner, request: &AdmissionRequest<DynamicObjec
     let object_json = match serde_json::to_value(object) {
         Ok(v) => v,
         Err(e) => {
-            return deny(
+            return Err(deny(
                 400,
                 format!(
                     "ElfMachine {namespace}/{}: unreadable object: {e}",
                     request.name
                 ),
-            );
+            ));
         }
     };
     let old_json = request
@@ -253,7 +311,7 @@ pub async fn decide(assigner: &Assigner, request: &AdmissionRequest<DynamicObjec
         .as_ref()
         .and_then(|o| serde_json::to_value(o).ok());
     if !needs_review(&request.operation, &object_json, old_json.as_ref()) {
-        return Decision::Allow;
+        return Err(Decision::Allow);
     }
     let shown_name = object
         .metadata
@@ -272,12 +330,12 @@ pub async fn decide(assigner: &Assigner, request: &AdmissionRequest<DynamicObjec
     ) {
         Ok(s) => s,
         Err(e) => {
-            return deny(
+            return Err(deny(
                 400,
                 format!(
                     "ElfMachine {namespace}/{shown_name}: spec.network cannot be read ({e}); fix the object's spec"
                 ),
-            );
+            ));
         }
     };
 
@@ -300,33 +358,22 @@ pub async fn decide(assigner: &Assigner, request: &AdmissionRequest<DynamicObjec
                 n
             }
             None => {
-                return deny(
+                return Err(deny(
                     400,
                     format!("ElfMachine in {namespace} has neither metadata.name nor generateName"),
-                );
+                ));
             }
         },
     };
-    let empty = BTreeMap::new();
-    let machine = MachineView {
-        namespace: &namespace,
-        name: &name,
-        uid: object.metadata.uid.as_deref(),
-        labels: object.metadata.labels.as_ref().unwrap_or(&empty),
-        annotations: object.metadata.annotations.as_ref().unwrap_or(&empty),
-        devices: &spec.network.devices,
-    };
-    match assigner.assign(&machine, request.dry_run).await {
-        Ok(leases) => {
-            let extras = Extras {
-                name: generated.as_deref(),
-                finalizer: true,
-                device_nameservers: assigner.caches.schema.device_nameservers(),
-            };
-            Decision::Patch(patch::build(&object_json, &leases, &extras))
-        }
-        Err(e) => deny(e.code(), e.to_string()),
-    }
+    Ok(Prepared {
+        object,
+        object_json,
+        spec,
+        namespace,
+        name,
+        generated,
+        empty: BTreeMap::new(),
+    })
 }
 
 #[cfg(test)]
@@ -420,6 +467,54 @@ mod tests {
                 c.name
             );
         }
+    }
+
+    fn request(text: &str) -> AdmissionRequest<DynamicObject> {
+        let review: AdmissionReview<DynamicObject> = serde_json::from_str(text).expect("a review");
+        review.try_into().expect("a request")
+    }
+
+    #[test]
+    fn prepare_decides_alone_when_no_device_needs_an_address() {
+        let r = request(include_str!("../../tests/fixtures/update-metadata.json"));
+        assert_eq!(prepare(&r).unwrap_err(), Decision::Allow);
+        let r = request(include_str!("../../tests/fixtures/bad-devices-string.json"));
+        let Decision::Deny { code, message } = prepare(&r).unwrap_err() else {
+            panic!("a string for devices is denied");
+        };
+        assert_eq!(code, 400);
+        assert!(message.contains("spec.network cannot be read"), "{message}");
+    }
+
+    #[test]
+    fn prepare_names_generated_machines_and_patched_writes_the_leases() {
+        let r = request(include_str!("../../tests/fixtures/generate-name.json"));
+        let p = prepare(&r).expect("a device needs an address");
+        let generated = p.generated.clone().expect("a name is chosen");
+        assert!(generated.starts_with("worker-") && generated.len() == "worker-".len() + 5);
+        assert_eq!(p.machine().name, generated);
+        let lease = Lease {
+            device: 0,
+            pool: crate::ipam::PoolKey {
+                namespace: "default".into(),
+                name: "p".into(),
+            },
+            claim: "c".into(),
+            address: [10, 0, 0, 5].into(),
+            prefix: 24,
+            gateway: None,
+            dns_servers: vec![],
+        };
+        let Decision::Patch(patch) = p.patched(&[lease], true) else {
+            panic!("leases give a patch");
+        };
+        let mut out = p.object_json.clone();
+        json_patch::patch(&mut out, &patch).expect("the patch applies");
+        assert_eq!(out["metadata"]["name"], generated.as_str());
+        assert_eq!(
+            out["spec"]["network"]["devices"][0]["ipAddrs"],
+            serde_json::json!(["10.0.0.5"])
+        );
     }
 
     #[test]
