@@ -65,12 +65,15 @@ impl Mode {
 #[derive(Debug, Clone, clap::Args)]
 pub struct AuthOptions {
     /// What happens to a review without valid credentials: off (not checked), warn (served,
-    /// counted and logged) or enforce (refused before anything is written).
+    /// counted and logged) or enforce (refused before anything is written). Enforce is
+    /// recommended and is what `manifests/` and `make run` use; the binary's default is warn,
+    /// so that a webhook started without credentials configured keeps serving (bounded by the
+    /// pending-claims cap) instead of refusing to start.
     #[arg(
         long = "auth-mode",
         env = "CAPE_STATIC_IP_AUTH_MODE",
         value_enum,
-        default_value = "enforce"
+        default_value = "warn"
     )]
     pub mode: Mode,
     /// CA bundle (PEM) that signs the client certificate the apiserver presents (kubeadm: the
