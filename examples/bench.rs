@@ -23,6 +23,10 @@
 //! Environment: `BENCH_MEM_OBJECTS` (default 100000) IPAM objects for the memory figure,
 //! `BENCH_FILL_BUDGET_SECS` (default 240) the most time spent creating them (the rest is
 //! extrapolated, and labelled so), `BENCH_PREFILL` (default 60000) addresses used in the full pool.
+//!
+//! `BENCH_ONLY=relist` (`make bench-relist`) measures only the webhook's steady and peak RSS
+//! with 100,000 IPAM objects present and with `BENCH_MEM_OBJECTS` when larger (its fill budget
+//! defaults to 1800 s).
 
 #[allow(dead_code)]
 #[path = "../tests/common/controlplane.rs"]
@@ -679,6 +683,157 @@ async fn child_rss(binary: &Path, kubeconfig: &Path, certs: &Path) -> (f64, f64,
     out
 }
 
+/// `BENCH_ONLY=relist`: the webhook's resident memory, steady and at its peak, with
+/// `BENCH_MEM_OBJECTS` IPAM objects in the cluster (half IPAddresses, half IPClaims), measured
+/// at 100,000 and at `BENCH_MEM_OBJECTS` when larger. Each figure is a fresh child started with
+/// the objects present: its first list is a full relist, and VmHWM is its peak. Nothing else runs.
+async fn relist_only(
+    client: &Client,
+    binary: &Path,
+    kubeconfig: &Path,
+    certs: &Path,
+    objects: usize,
+) {
+    // Small enough that a pool's status.indexes fits in one write (about 25 B per entry).
+    const PER_POOL: usize = 40_000;
+    let ns = temp_namespace(client, "bench-relist").await;
+    let addrs = dynamic(
+        client,
+        &ns,
+        "ipam.metal3.io",
+        "v1alpha1",
+        "IPAddress",
+        "ipaddresses",
+    );
+    let claims = dynamic(
+        client,
+        &ns,
+        "ipam.metal3.io",
+        "v1alpha1",
+        "IPClaim",
+        "ipclaims",
+    );
+    let budget = Duration::from_secs(env_usize("BENCH_FILL_BUDGET_SECS", 1800) as u64);
+    let (rss_idle, hwm_idle, _) = child_rss(binary, kubeconfig, certs).await;
+    let mut rows = vec![("0 (idle)".to_string(), 0.0, rss_idle, hwm_idle, 0.0)];
+    let (mut made, mut pools) = (0usize, 0usize);
+    let start = Instant::now();
+    for step in [100_000.min(objects), objects] {
+        if step <= made {
+            continue;
+        }
+        // Addresses first (pool by pool, one /16 each), then as many claims.
+        let want_addrs = step / 2;
+        let from = made / 2;
+        while pools * PER_POOL < want_addrs {
+            let name = format!("p{pools}");
+            let subnet = format!("10.{}.0.0/16", 100 + pools);
+            create(
+                client,
+                &ns,
+                pool(
+                    &name,
+                    json!({
+                        "namePrefix": name, "pools": [{"subnet": subnet}], "prefix": 16,
+                        "gateway": subnet.replace("0.0/16", "0.1"), "dnsServers": ["10.255.0.2"]
+                    }),
+                    json!({}),
+                ),
+            )
+            .await
+            .unwrap();
+            pools += 1;
+        }
+        let left = budget.saturating_sub(start.elapsed());
+        let ns2 = ns.clone();
+        let (a, a_s) = fill(&addrs, want_addrs - from, left, |j| {
+            let i = from + j;
+            let p = i / PER_POOL;
+            let raw =
+                u32::from(std::net::Ipv4Addr::new(10, 100 + p as u8, 0, 2)) + (i % PER_POOL) as u32;
+            let ip = std::net::Ipv4Addr::from(raw).to_string();
+            json!({
+                "apiVersion": "ipam.metal3.io/v1alpha1", "kind": "IPAddress",
+                "metadata": {"name": format!("r-{}", ip.replace('.', "-")), "namespace": ns2},
+                "spec": {"address": ip, "prefix": 16, "gateway": format!("10.{}.0.1", 100 + p),
+                         "pool": {"name": format!("p{p}"), "namespace": ns2},
+                         "claim": {"name": format!("c-{i:06}"), "namespace": ns2}}
+            })
+        })
+        .await;
+        let left = budget.saturating_sub(start.elapsed());
+        let ns2 = ns.clone();
+        let (c, c_s) = fill(&claims, want_addrs - from, left, |j| {
+            let i = from + j;
+            json!({
+                "apiVersion": "ipam.metal3.io/v1alpha1", "kind": "IPClaim",
+                "metadata": {"name": format!("c-{i:06}"), "namespace": ns2},
+                "spec": {"pool": {"name": format!("p{}", i / PER_POOL), "namespace": ns2}}
+            })
+        })
+        .await;
+        made += a + c;
+        eprintln!(
+            "bench: {a} IPAddresses in {a_s:.0} s, {c} IPClaims in {c_s:.0} s: {made} IPAM objects"
+        );
+        let (rss, hwm, ready_s) = child_rss(binary, kubeconfig, certs).await;
+        eprintln!("bench: {made} objects, no status.indexes: RSS {rss:.1} MiB, peak {hwm:.1} MiB");
+        let per = |rss: f64| (rss - rss_idle) * 1024.0 / made as f64;
+        rows.push((
+            format!("{made}, pools without status.indexes"),
+            ready_s,
+            rss,
+            hwm,
+            per(rss),
+        ));
+        // What the webhook's pool status loop writes: claim -> address of every address.
+        let ippools = dynamic(
+            client,
+            &ns,
+            "ipam.metal3.io",
+            "v1alpha1",
+            "IPPool",
+            "ippools",
+        );
+        for p in 0..pools {
+            let indexes: serde_json::Map<String, Value> = (p * PER_POOL
+                ..((p + 1) * PER_POOL).min(made / 2))
+                .map(|i| {
+                    let raw = u32::from(std::net::Ipv4Addr::new(10, 100 + p as u8, 0, 2))
+                        + (i % PER_POOL) as u32;
+                    (
+                        format!("c-{i:06}"),
+                        json!(std::net::Ipv4Addr::from(raw).to_string()),
+                    )
+                })
+                .collect();
+            let patch = json!({"status": {"indexes": indexes}});
+            ippools
+                .patch_status(
+                    &format!("p{p}"),
+                    &PatchParams::default(),
+                    &Patch::Merge(&patch),
+                )
+                .await
+                .unwrap();
+        }
+        let (rss, hwm, ready_s) = child_rss(binary, kubeconfig, certs).await;
+        eprintln!(
+            "bench: {made} objects: RSS {rss:.1} MiB, peak {hwm:.1} MiB, ready in {ready_s:.1} s"
+        );
+        rows.push((made.to_string(), ready_s, rss, hwm, per(rss)));
+    }
+    println!();
+    println!(
+        "| IPAM objects cached | steady RSS MiB | peak RSS (VmHWM) MiB | ready s | KiB/object over idle |"
+    );
+    println!("|---|---|---|---|---|");
+    for (n, ready_s, rss, hwm, per) in &rows {
+        println!("| {n} | {rss:.1} | {hwm:.1} | {ready_s:.1} | {per:.2} |");
+    }
+    println!("(webhook binary {})", binary.display());
+}
+
 /// Criterion's estimates (mean, ns) of the allocator benchmarks, when they ran.
 /// Where the CPU goes during one extra, unmeasured burst of 300 at concurrency 20: a
 /// system-wide `perf record` (when perf is installed and allowed; `BENCH_PROFILE=0` skips it),
@@ -792,6 +947,11 @@ async fn main() {
     let cp = shared(CrdSet::Current);
     let client = cp.client().await;
     let (certs, ca_pem) = dev_certs("bench");
+    if std::env::var("BENCH_ONLY").is_ok_and(|v| v == "relist") {
+        relist_only(&client, &binary, cp.kubeconfig(), &certs, mem_objects).await;
+        let _ = std::fs::remove_dir_all(&certs);
+        return;
+    }
     let (rss_idle, _, _) = child_rss(&binary, cp.kubeconfig(), &certs).await;
     eprintln!("bench: webhook idle RSS {rss_idle:.1} MiB");
 

@@ -4,7 +4,8 @@
 //! feed the index: an address a live machine carries is never offered, claim or no claim; the
 //! background loops subscribe to its changes), plus the ElfMachine CRD itself (to learn where
 //! DNS servers go). The big ones keep a few fields per object, not the objects.
-//! [`Caches::ready`] is true once every watch has listed.
+//! Every list is read in pages of [`LIST_PAGE`]. [`Caches::ready`] is true once every watch has
+//! listed.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -216,8 +217,9 @@ where
 {
     let (reader, writer) = reflector::store::<K>();
     let api: Api<K> = Api::all(client.clone());
-    // managedFields is never read here and is most of a small object's size.
-    let stream = watcher(api, watcher::Config::default().any_semantic())
+    // managedFields is never read here and is most of a small object's size. Listed in pages,
+    // like the big ones: a fleet's lists are never held whole.
+    let stream = watcher(api, watcher::Config::default().page_size(LIST_PAGE))
         .default_backoff()
         .modify(|o: &mut K| o.meta_mut().managed_fields = None)
         .reflect(writer);
@@ -279,7 +281,7 @@ fn watch_machines(
 ) -> Store<ElfMachine> {
     let (reader, mut writer) = reflector::store::<ElfMachine>();
     let api: Api<ElfMachine> = Api::all(client.clone());
-    let stream = watcher(api, watcher::Config::default().any_semantic())
+    let stream = watcher(api, watcher::Config::default().page_size(LIST_PAGE))
         .default_backoff()
         .modify(|m: &mut ElfMachine| m.metadata.managed_fields = None);
     tasks.spawn(async move {
@@ -317,7 +319,7 @@ fn watch_machines(
     reader
 }
 
-/// Objects per page when listing IPAddresses and IPClaims.
+/// Objects per page when listing (every kind but the one-object CRD watch).
 const LIST_PAGE: u32 = 500;
 
 /// Polls a watch stream forever, counting its first complete list towards readiness.
