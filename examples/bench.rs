@@ -8,12 +8,17 @@
 //! 2. bursts of ElfMachine creates through the apiserver (100 at concurrency 20, 200 at 50) on
 //!    an empty /16, after a warm-up: admission latency (timed around the webhook's handler,
 //!    and from its own Prometheus histogram), client create latency, machines/s;
+//!    then apiserver requests per machine (its `apiserver_request_total`, scraped before and
+//!    65 s after each burst, by verb and resource, the load generator's own requests taken
+//!    out) for a create burst of 100 at 20 (machines with a CAPI Machine owner and CAPE's
+//!    finalizer), its floor, and the delete burst of the same machines;
 //! 3. the floor: the same number of bare creates of what one allocation writes (IPAddress,
 //!    IPClaim, claim status, ElfMachine; no webhook) at the same concurrency, each round
 //!    right after the burst it is compared with (3 rounds; latencies over all of them,
 //!    machines/s their median);
 //! 4. the same bursts on a /16 with 60,000 addresses already used (pre-filled at 64 in flight);
-//! 5. resident memory of a fresh webhook child with 100,000 IPAM objects cached;
+//! 5. resident memory of a fresh webhook child with 100,000 IPAM objects cached, with
+//!    `MALLOC_ARENA_MAX=2` as the Deployment runs it and with glibc's default;
 //! 6. admission calls per machine life (create, 10 metadata/spec patches as CAPI and CAPE
 //!    make them, deletion with CAPE's finalizer removed, release), 100 machines, with the
 //!    registration's `matchConditions` and without them (an apiserver before 1.28);
@@ -22,7 +27,9 @@
 //!
 //! Environment: `BENCH_MEM_OBJECTS` (default 100000) IPAM objects for the memory figure,
 //! `BENCH_FILL_BUDGET_SECS` (default 240) the most time spent creating them (the rest is
-//! extrapolated, and labelled so), `BENCH_PREFILL` (default 60000) addresses used in the full pool.
+//! extrapolated, and labelled so), `BENCH_PREFILL` (default 60000) addresses used in the full pool,
+//! `BENCH_COUNT_SETTLE_SECS` (default 65: one periodic pass) the wait before counting, `BENCH_MALLOC_ARENA_MAX`
+//! (default 2, empty for glibc's default), `BENCH_ONLY=requests` only the request counts.
 //!
 //! `BENCH_ONLY=relist` (`make bench-relist`) measures only the webhook's steady and peak RSS
 //! with 100,000 IPAM objects present and with `BENCH_MEM_OBJECTS` when larger (its fill budget
@@ -56,8 +63,8 @@ use cape_static_ip::webhook::server::{AppState, webhook_router};
 use cape_static_ip::webhook::tls::ReloadingCert;
 use controlplane::{CrdSet, shared, temp_namespace};
 use futures::StreamExt;
-use kube::Client;
 use kube::api::{Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 use webhook::{capi_machine, create, dev_certs, dynamic, machines, pool, template};
 
@@ -508,8 +515,9 @@ fn obj(v: Value) -> kube::core::DynamicObject {
     serde_json::from_value(v).unwrap()
 }
 
-/// The writes of one allocation without the webhook: IPAddress, IPClaim, claim status,
-/// ElfMachine (with its address already in), one after the other; `n` such chains at
+/// The writes of one allocation without the webhook: IPAddress, IPClaim (with our
+/// annotations, so that the background loop does not take it over as the Go controller's),
+/// claim status, ElfMachine (with its address already in), one after the other; `n` such chains at
 /// `concurrency`. Chain `i` writes address number `base + i` of 10.99.0.0/16.
 async fn floor(
     client: &Client,
@@ -558,7 +566,9 @@ async fn floor(
             }))).await.unwrap();
             claims.create(&pp, &obj(json!({
                 "apiVersion": "ipam.metal3.io/v1alpha1", "kind": "IPClaim",
-                "metadata": {"name": claim_name, "namespace": ns, "labels": labels},
+                "metadata": {"name": claim_name, "namespace": ns, "labels": labels,
+                             "annotations": {"static-ip.infrastructure.cluster.x-k8s.io/machine": format!("{ns}/{name}"),
+                                             "static-ip.infrastructure.cluster.x-k8s.io/device-index": "0"}},
                 "spec": {"pool": {"name": "floor", "namespace": ns, "kind": "IPPool", "apiVersion": "ipam.metal3.io/v1alpha1"}}
             }))).await.unwrap();
             claims.patch_status(&claim_name, &PatchParams::default(), &Patch::Merge(json!(
@@ -583,6 +593,332 @@ async fn floor(
         rounds_per_s: Vec::new(),
         chain_ms: [percentile(&times, 50.0), percentile(&times, 99.0)],
         chain_raw: times,
+    }
+}
+
+// ---- requests per machine, from the apiserver's own counters ----
+
+/// `apiserver_request_total`, summed by "VERB resource[/subresource]", for the API groups an
+/// allocation touches (metal3 IPAM, CAPE, CAPI, events). The apiserver's own housekeeping
+/// (leases, endpoints, ...) is in other groups and left out.
+type Counts = std::collections::BTreeMap<String, f64>;
+
+const COUNTED_GROUPS: [&str; 4] = [
+    "ipam.metal3.io",
+    "infrastructure.cluster.x-k8s.io",
+    "cluster.x-k8s.io",
+    "events.k8s.io",
+];
+
+async fn request_counts(client: &Client) -> Counts {
+    let req = axum::http::Request::get("/metrics")
+        .body(Vec::new())
+        .unwrap();
+    let text = client.request_text(req).await.expect("apiserver /metrics");
+    let mut counts = Counts::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("apiserver_request_total{") else {
+            continue;
+        };
+        let Some((labels, value)) = rest.rsplit_once("} ") else {
+            continue;
+        };
+        let label = |key: &str| {
+            labels
+                .split(&format!("{key}=\""))
+                .nth(1)
+                .and_then(|s| s.split('"').next())
+                .unwrap_or("")
+                .to_string()
+        };
+        let (group, resource) = (label("group"), label("resource"));
+        if !(COUNTED_GROUPS.contains(&group.as_str()) || (group.is_empty() && resource == "events"))
+            || !label("dry_run").is_empty()
+        {
+            continue;
+        }
+        let sub = label("subresource");
+        let key = if sub.is_empty() {
+            format!("{} {resource}", label("verb"))
+        } else {
+            format!("{} {resource}/{sub}", label("verb"))
+        };
+        *counts.entry(key).or_default() += value.trim().parse::<f64>().unwrap_or(0.0);
+    }
+    counts
+}
+
+fn is_read(key: &str) -> bool {
+    matches!(key.split(' ').next(), Some("GET" | "LIST" | "WATCH"))
+}
+
+/// Requests per machine in one counted window: everything the apiserver served in the
+/// counted groups, the load generator's own requests, and the difference (the webhook and
+/// its background loops).
+#[derive(Debug, Clone, serde::Serialize)]
+struct RequestCount {
+    what: String,
+    machines: usize,
+    concurrency: usize,
+    /// Seconds waited after the burst before the second scrape.
+    settle_s: f64,
+    /// All requests in the window, per machine, by "VERB resource".
+    total: Counts,
+    /// The load generator's own requests, per machine.
+    client: Counts,
+    /// total - client, per machine.
+    ours: Counts,
+    ours_writes: f64,
+    ours_reads: f64,
+}
+
+impl RequestCount {
+    fn of(
+        what: &str,
+        (machines, concurrency): (usize, usize),
+        settle: Duration,
+        (before, after): (&Counts, &Counts),
+        client: &Counts,
+    ) -> Self {
+        let n = machines.max(1) as f64;
+        let mut total = Counts::new();
+        for (k, v) in after {
+            let d = v - before.get(k).copied().unwrap_or(0.0);
+            if d > 0.0 {
+                total.insert(k.clone(), d / n);
+            }
+        }
+        let client: Counts = client.iter().map(|(k, v)| (k.clone(), v / n)).collect();
+        let mut ours = Counts::new();
+        for (k, v) in &total {
+            let d = v - client.get(k).copied().unwrap_or(0.0);
+            if d.abs() > 1e-9 {
+                ours.insert(k.clone(), d);
+            }
+        }
+        let ours_reads = ours
+            .iter()
+            .filter(|(k, _)| is_read(k))
+            .map(|(_, v)| v)
+            .sum::<f64>()
+            + 0.0; // an empty sum is -0.0
+        let ours_writes = ours
+            .iter()
+            .filter(|(k, _)| !is_read(k))
+            .map(|(_, v)| v)
+            .sum::<f64>()
+            + 0.0; // an empty sum is -0.0
+        RequestCount {
+            what: what.into(),
+            machines,
+            concurrency,
+            settle_s: settle.as_secs_f64(),
+            total,
+            client,
+            ours,
+            ours_writes,
+            ours_reads,
+        }
+    }
+
+    fn text(counts: &Counts) -> String {
+        if counts.is_empty() {
+            return "none".into();
+        }
+        counts
+            .iter()
+            .map(|(k, v)| format!("{k} {v:.2}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// How long to wait after a burst before counting, so that background work is counted: longer
+/// than one periodic pass of the background loop (every 60 s here: half the claim grace).
+fn count_settle() -> Duration {
+    Duration::from_secs(env_usize("BENCH_COUNT_SETTLE_SECS", 65) as u64)
+}
+
+/// An ElfMachine as CAPI and CAPE leave it: a Machine owner and CAPE's finalizer.
+fn owned_machine(name: &str) -> Value {
+    let mut m = capi_machine(
+        name,
+        "tpl",
+        json!([{"networkType": "IPV4", "vlan": "vlan-1"}]),
+    );
+    m["metadata"]["ownerReferences"] = json!([{
+        "apiVersion": "cluster.x-k8s.io/v1beta2", "kind": "Machine", "name": name,
+        "uid": "6f1e1f0e-8a4b-4c1e-9a3e-2b7d5f0c9a11", "controller": true,
+        "blockOwnerDeletion": true
+    }]);
+    m["metadata"]["finalizers"] = json!([CAPE_FINALIZER]);
+    m
+}
+
+const CAPE_FINALIZER: &str = "elfmachine.infrastructure.cluster.x-k8s.io";
+
+fn add(counts: &mut Counts, key: &str, n: usize) {
+    *counts.entry(key.into()).or_default() += n as f64;
+}
+
+/// Counts the requests of: a create burst (`n` owned machines at `concurrency`), the floor of
+/// the same shape, and the delete burst of the same machines (delete, CAPE's finalizer removed,
+/// our release awaited).
+async fn count_requests(
+    client: &Client,
+    ns: &str,
+    floor_ns: &str,
+    n: usize,
+    concurrency: usize,
+) -> Vec<RequestCount> {
+    let settle = count_settle();
+    let shape = (n, concurrency);
+    let mut out = Vec::new();
+    // Let earlier bursts' background work finish first.
+    tokio::time::sleep(settle).await;
+
+    // Create burst.
+    let before = request_counts(client).await;
+    let created: usize = futures::stream::iter((0..n).map(|i| {
+        let (client, ns) = (client.clone(), ns.to_string());
+        async move {
+            create(&client, &ns, owned_machine(&format!("req-{i:04}")))
+                .await
+                .map(|_| 1)
+                .unwrap_or_else(|e| {
+                    eprintln!("bench: counted create failed: {e}");
+                    1
+                })
+        }
+    }))
+    .buffer_unordered(concurrency)
+    .fold(0, |a, b| async move { a + b })
+    .await;
+    tokio::time::sleep(settle).await;
+    let after = request_counts(client).await;
+    let mut mine = Counts::new();
+    add(&mut mine, "POST elfmachines", created);
+    out.push(RequestCount::of(
+        "create",
+        shape,
+        settle,
+        (&before, &after),
+        &mine,
+    ));
+
+    // The floor: 4 bare writes per machine.
+    let before = request_counts(client).await;
+    let _ = floor(client, floor_ns, "freq", 50_000, n, concurrency).await;
+    tokio::time::sleep(settle).await;
+    let after = request_counts(client).await;
+    let mut mine = Counts::new();
+    for k in [
+        "POST ipaddresses",
+        "POST ipclaims",
+        "PATCH ipclaims/status",
+        "POST elfmachines",
+    ] {
+        add(&mut mine, k, n);
+    }
+    out.push(RequestCount::of(
+        "floor",
+        shape,
+        settle,
+        (&before, &after),
+        &mine,
+    ));
+
+    // Delete burst: delete, then CAPE removes its finalizer (a guarded JSON patch at the
+    // index the created object has it: the webhook adds ours after it).
+    let before = request_counts(client).await;
+    let api = machines(client, ns);
+    let steps: Vec<(usize, usize)> = futures::stream::iter((0..n).map(|i| {
+        let api = api.clone();
+        async move {
+            let name = format!("req-{i:04}");
+            let mut calls = (0, 0);
+            if api.delete(&name, &Default::default()).await.is_ok() {
+                calls.0 += 1;
+            }
+            let remove = json!([{"op": "test", "path": "/metadata/finalizers/0", "value": CAPE_FINALIZER},
+                                {"op": "remove", "path": "/metadata/finalizers/0"}]);
+            let patch: json_patch::Patch = serde_json::from_value(remove).unwrap();
+            if let Err(e) = api
+                .patch(&name, &PatchParams::default(), &Patch::Json::<()>(patch))
+                .await
+            {
+                eprintln!("bench: removing CAPE's finalizer from {name}: {e}");
+            }
+            calls.1 += 1;
+            calls
+        }
+    }))
+    .buffer_unordered(concurrency)
+    .collect()
+    .await;
+    // Polled with a LIST every half second (counted as the load generator's).
+    let start = Instant::now();
+    let mut lists = 0;
+    while start.elapsed() < Duration::from_secs(300) {
+        lists += 1;
+        if api
+            .list(&Default::default())
+            .await
+            .is_ok_and(|l| l.items.iter().all(|m| !m.name_any().starts_with("req-")))
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let released_s = start.elapsed().as_secs_f64();
+    eprintln!("bench: {n} machines released {released_s:.1} s after the last finalizer removal");
+    tokio::time::sleep(settle).await;
+    let after = request_counts(client).await;
+    let mut mine = Counts::new();
+    add(
+        &mut mine,
+        "DELETE elfmachines",
+        steps.iter().map(|s| s.0).sum(),
+    );
+    add(
+        &mut mine,
+        "PATCH elfmachines",
+        steps.iter().map(|s| s.1).sum(),
+    );
+    add(&mut mine, "LIST elfmachines", lists);
+    out.push(RequestCount::of(
+        "delete",
+        shape,
+        settle,
+        (&before, &after),
+        &mine,
+    ));
+    out
+}
+
+fn request_rows(counts: &[RequestCount], row: &mut impl FnMut(String, String, &str)) {
+    for c in counts {
+        let tag = format!("{}, {} @ {}", c.what, c.machines, c.concurrency);
+        let (target, ours) = match c.what.as_str() {
+            "floor" => ("", "the load generator only; beyond it".to_string()),
+            "create" => ("<= 3.1 writes, <= 0.05 reads", "webhook".to_string()),
+            _ => ("3 writes, <= 0.05 reads", "webhook".to_string()),
+        };
+        row(
+            format!("requests/machine, {ours} ({tag}; +{:.0} s)", c.settle_s),
+            format!(
+                "{:.2} writes, {:.2} reads: {}",
+                c.ours_writes,
+                c.ours_reads,
+                RequestCount::text(&c.ours)
+            ),
+            target,
+        );
+        row(
+            format!("  all requests/machine ({tag})"),
+            RequestCount::text(&c.total),
+            "",
+        );
     }
 }
 
@@ -625,12 +961,34 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Starts `cape-static-ip serve` as a child, waits for /readyz, lets it settle, returns
-/// (VmRSS, VmHWM) in MiB and how long it took to become ready.
-async fn child_rss(binary: &Path, kubeconfig: &Path, certs: &Path) -> (f64, f64, f64) {
+/// glibc's `MALLOC_ARENA_MAX` for the webhook child: 2 as the Deployment sets it
+/// (manifests/deployment.yaml), `BENCH_MALLOC_ARENA_MAX` to change it, empty for glibc's
+/// default.
+fn arena_max() -> Option<String> {
+    match std::env::var("BENCH_MALLOC_ARENA_MAX") {
+        Ok(v) if v.is_empty() => None,
+        Ok(v) => Some(v),
+        Err(_) => Some("2".into()),
+    }
+}
+
+/// Starts `cape-static-ip serve` as a child (with `MALLOC_ARENA_MAX=arena_max` when given),
+/// waits for /readyz, lets it settle, returns (VmRSS, VmHWM) in MiB and how long it took to
+/// become ready.
+async fn child_rss(
+    binary: &Path,
+    kubeconfig: &Path,
+    certs: &Path,
+    arena_max: Option<&str>,
+) -> (f64, f64, f64) {
     let admin = free_port();
     let start = Instant::now();
-    let mut child = std::process::Command::new(binary)
+    let mut command = std::process::Command::new(binary);
+    command.env_remove("MALLOC_ARENA_MAX");
+    if let Some(v) = arena_max {
+        command.env("MALLOC_ARENA_MAX", v);
+    }
+    let mut child = command
         .arg("serve")
         .args(["--listen", &format!("127.0.0.1:{}", free_port())])
         .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
@@ -714,7 +1072,8 @@ async fn relist_only(
         "ipclaims",
     );
     let budget = Duration::from_secs(env_usize("BENCH_FILL_BUDGET_SECS", 1800) as u64);
-    let (rss_idle, hwm_idle, _) = child_rss(binary, kubeconfig, certs).await;
+    let (rss_idle, hwm_idle, _) =
+        child_rss(binary, kubeconfig, certs, arena_max().as_deref()).await;
     let mut rows = vec![("0 (idle)".to_string(), 0.0, rss_idle, hwm_idle, 0.0)];
     let (mut made, mut pools) = (0usize, 0usize);
     let start = Instant::now();
@@ -776,7 +1135,8 @@ async fn relist_only(
         eprintln!(
             "bench: {a} IPAddresses in {a_s:.0} s, {c} IPClaims in {c_s:.0} s: {made} IPAM objects"
         );
-        let (rss, hwm, ready_s) = child_rss(binary, kubeconfig, certs).await;
+        let (rss, hwm, ready_s) =
+            child_rss(binary, kubeconfig, certs, arena_max().as_deref()).await;
         eprintln!("bench: {made} objects, no status.indexes: RSS {rss:.1} MiB, peak {hwm:.1} MiB");
         let per = |rss: f64| (rss - rss_idle) * 1024.0 / made as f64;
         rows.push((
@@ -817,7 +1177,8 @@ async fn relist_only(
                 .await
                 .unwrap();
         }
-        let (rss, hwm, ready_s) = child_rss(binary, kubeconfig, certs).await;
+        let (rss, hwm, ready_s) =
+            child_rss(binary, kubeconfig, certs, arena_max().as_deref()).await;
         eprintln!(
             "bench: {made} objects: RSS {rss:.1} MiB, peak {hwm:.1} MiB, ready in {ready_s:.1} s"
         );
@@ -952,7 +1313,15 @@ async fn main() {
         let _ = std::fs::remove_dir_all(&certs);
         return;
     }
-    let (rss_idle, _, _) = child_rss(&binary, cp.kubeconfig(), &certs).await;
+    let arena = arena_max();
+    let requests_only = std::env::var("BENCH_ONLY").is_ok_and(|v| v == "requests");
+    let rss_idle = if requests_only {
+        f64::NAN
+    } else {
+        child_rss(&binary, cp.kubeconfig(), &certs, arena.as_deref())
+            .await
+            .0
+    };
     eprintln!("bench: webhook idle RSS {rss_idle:.1} MiB");
 
     let hook = start_webhook(&cp.client().await, &certs).await;
@@ -985,6 +1354,47 @@ async fn main() {
     // Warm-up (connections on every path, caches, allocator): not measured.
     let _ = burst(&client, &hook, &empty_ns, "warm", 50, 50).await;
     let _ = floor(&client, &floor_ns, "fwarm", 60_000, 50, 50).await;
+
+    // Requests per machine (create, floor, delete) on a pool of their own.
+    let req_ns = temp_namespace(&client, "bench-requests").await;
+    create(
+        &client,
+        &req_ns,
+        pool(
+            "requests",
+            json!({
+                "namePrefix": "requests", "pools": [{"subnet": "10.2.0.0/16"}],
+                "prefix": 16, "gateway": "10.2.0.1", "dnsServers": ["10.255.0.2"]
+            }),
+            json!({}),
+        ),
+    )
+    .await
+    .unwrap();
+    create(
+        &client,
+        &req_ns,
+        template("tpl", json!({"cluster.x-k8s.io/ip-pool-name": "requests"})),
+    )
+    .await
+    .unwrap();
+    register(&client, &hook, &ca_pem, &req_ns, true).await;
+    let _ = burst(&client, &hook, &req_ns, "warm", 20, 20).await;
+    eprintln!("bench: counting requests per machine (100 @ 20: create, floor, delete)");
+    let requests = count_requests(&client, &req_ns, &floor_ns, 100, 20).await;
+    if requests_only {
+        let mut rows: Vec<(String, String, String)> = Vec::new();
+        request_rows(&requests, &mut |m, v, t| rows.push((m, v, t.to_string())));
+        print_table(&rows);
+        let report = json!({
+            "requests": requests,
+            "table": rows.iter().map(|(m, v, t)| json!({"metric": m, "value": v, "target": t})).collect::<Vec<_>>(),
+            "seconds": t0.elapsed().as_secs_f64(),
+        });
+        write_report(&target, &report);
+        let _ = std::fs::remove_dir_all(&certs);
+        return;
+    }
 
     eprintln!("bench: bursts on the empty /16, each followed by its floor ({ROUNDS} rounds)");
     let (empty_a, floor_a) = rounds(
@@ -1094,7 +1504,13 @@ async fn main() {
     .await;
     let cached = existing + claims_made;
     eprintln!("bench: {claims_made} claims in {claims_s:.1} s; {cached} IPAM objects");
-    let (rss_loaded, hwm_loaded, ready_s) = child_rss(&binary, cp.kubeconfig(), &certs).await;
+    let (rss_loaded, hwm_loaded, ready_s) =
+        child_rss(&binary, cp.kubeconfig(), &certs, arena.as_deref()).await;
+    // The same with glibc's default arenas, for comparison.
+    let rss_default = match arena {
+        Some(_) => Some(child_rss(&binary, cp.kubeconfig(), &certs, None).await),
+        None => None,
+    };
     let per_object_kib = (rss_loaded - rss_idle) * 1024.0 / cached as f64;
     let rss_100k = if cached >= 100_000 {
         rss_loaded
@@ -1211,11 +1627,22 @@ async fn main() {
         );
     }
     row("webhook RSS idle".into(), format!("{rss_idle:.1} MiB"), "");
+    let arena_text = match &arena {
+        Some(v) => format!("MALLOC_ARENA_MAX={v}"),
+        None => "glibc's default arenas".into(),
+    };
     row(
-        format!("webhook RSS, {cached} IPAM objects cached"),
+        format!("webhook RSS, {cached} IPAM objects cached ({arena_text})"),
         format!("{rss_loaded:.1} MiB (peak {hwm_loaded:.1}; ready in {ready_s:.1} s)"),
         "",
     );
+    if let Some((rss, hwm, ready)) = rss_default {
+        row(
+            "  same, glibc's default arenas".to_string(),
+            format!("{rss:.1} MiB (peak {hwm:.1}; ready in {ready:.1} s)"),
+            "",
+        );
+    }
     row(
         if cached >= 100_000 {
             "webhook RSS at 100k IPAM objects".into()
@@ -1225,7 +1652,7 @@ async fn main() {
             )
         },
         format!("{rss_100k:.1} MiB"),
-        "<= 150 MB",
+        "<= 100 MiB",
     );
     for (label, n, calls) in &lives {
         let per: f64 = life::total(calls) as f64 / *n as f64;
@@ -1238,14 +1665,8 @@ async fn main() {
     for (id, ns) in &micro {
         row(format!("allocator {id}"), format!("{:.0} ns", ns), "");
     }
-    let w0 = rows.iter().map(|r| r.0.chars().count()).max().unwrap_or(10);
-    let w1 = rows.iter().map(|r| r.1.chars().count()).max().unwrap_or(10);
-    println!();
-    println!("| {:w0$} | {:w1$} | target |", "metric", "value");
-    println!("|{}|{}|--------|", "-".repeat(w0 + 2), "-".repeat(w1 + 2));
-    for (m, v, t) in &rows {
-        println!("| {m:w0$} | {v:w1$} | {t} |");
-    }
+    request_rows(&requests, &mut row);
+    print_table(&rows);
     println!(
         "\n(total {:.0} s on {} CPUs)",
         t0.elapsed().as_secs_f64(),
@@ -1255,24 +1676,42 @@ async fn main() {
     );
 
     let report = json!({
+        "requests": requests,
         "bursts_empty": empty, "bursts_full": full, "floor": floors,
         "prefill": {"addresses": filled, "seconds": fill_s},
         "machine_lives": lives.iter().map(|(label, n, calls)| json!({"registration": label, "machines": n, "admission_calls": calls})).collect::<Vec<_>>(),
         "rss_mib": {"idle": rss_idle, "loaded": rss_loaded, "loaded_peak": hwm_loaded,
+                    "malloc_arena_max": arena, "loaded_default_arenas": rss_default.map(|r| r.0),
                     "loaded_objects": cached, "at_100k": rss_100k, "extrapolated": cached < 100_000},
         "allocator_ns": micro.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
         "table": rows.iter().map(|(m, v, t)| json!({"metric": m, "value": v, "target": t})).collect::<Vec<_>>(),
         "seconds": t0.elapsed().as_secs_f64(),
     });
+    write_report(&target, &report);
+    let _ = std::fs::remove_dir_all(&certs);
+}
+
+fn print_table(rows: &[(String, String, String)]) {
+    let w0 = rows.iter().map(|r| r.0.chars().count()).max().unwrap_or(10);
+    let w1 = rows.iter().map(|r| r.1.chars().count()).max().unwrap_or(10);
+    println!();
+    println!("| {:w0$} | {:w1$} | target |", "metric", "value");
+    println!("|{}|{}|--------|", "-".repeat(w0 + 2), "-".repeat(w1 + 2));
+    for (m, v, t) in rows {
+        println!("| {m:w0$} | {v:w1$} | {t} |");
+    }
+}
+
+/// Writes the report to `target/bench/bench-<unix time>.json` and `target/bench/latest.json`.
+fn write_report(target: &Path, report: &Value) {
     let dir = target.join("bench");
     std::fs::create_dir_all(&dir).unwrap();
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    let text = serde_json::to_string_pretty(&report).unwrap();
+    let text = serde_json::to_string_pretty(report).unwrap();
     std::fs::write(dir.join(format!("bench-{stamp}.json")), &text).unwrap();
     std::fs::write(dir.join("latest.json"), &text).unwrap();
     println!("wrote {}", dir.join("latest.json").display());
-    let _ = std::fs::remove_dir_all(&certs);
 }
