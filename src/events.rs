@@ -1,9 +1,10 @@
 //! Kubernetes Events for operators: `Allocated`, `Released` and `Exhausted` on IPPools, and
-//! `AddressesAssigned` / `AddressesReleased` on ElfMachines that exist. Events are queued and
+//! `AddressesAssigned` on ElfMachines that the background loop patched. Events are queued and
 //! published by a background task, never on the admission path; when the queue is full an
-//! event is dropped (events are best effort, the objects are the record). Notes that queue
-//! up while an event is being published (a scale-up) are folded into one event per object
-//! and reason, so that a burst of allocations does not double the apiserver's writes.
+//! event is dropped (events are best effort, the objects are the record). The publisher
+//! lingers [`LINGER`] after the first note of a round, and the notes of that round (a
+//! scale-up, a scale-down) are folded into one event per object and reason: a burst costs
+//! the apiserver a few event writes, not one per machine.
 //!
 //! Events are written as `events.k8s.io/v1` objects by [`Publisher`], not by kube-runtime's
 //! recorder: the recorder identifies an event without its note, so a second `Allocated`
@@ -27,7 +28,9 @@ use tokio::sync::mpsc;
 /// How many events may wait to be published.
 const QUEUE: usize = 1024;
 /// At most this many queued notes are folded into one round of events.
-const BATCH: usize = 256;
+const BATCH: usize = QUEUE;
+/// How long a round waits for more notes after its first one.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 /// The longest note an Event accepts (events.k8s.io/v1: 1 kB).
 const MAX_NOTE: usize = 1024;
 /// The controller name events are reported by.
@@ -61,6 +64,7 @@ impl Events {
         let mut publisher = Publisher::new(client, instance_name());
         tasks.spawn(async move {
             while let Some(first) = rx.recv().await {
+                tokio::time::sleep(LINGER).await;
                 let mut batch = vec![first];
                 while batch.len() < BATCH {
                     match rx.try_recv() {
@@ -360,7 +364,7 @@ mod tests {
         assert!(
             folded[0]
                 .message
-                .starts_with("256 times: 10.0.0.0 to machine-0; ")
+                .starts_with(&format!("{BATCH} times: 10.0.0.0 to machine-0; "))
         );
         assert!(folded[0].message.ends_with("; …"));
     }
