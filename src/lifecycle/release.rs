@@ -1,23 +1,14 @@
 //! Release: a machine being deleted whose VM is gone gives back its claims and addresses,
 //! then loses our finalizer.
 //!
-//! Cheap on the apiserver: the claims and addresses the caches know for the machine are
-//! deleted with uid preconditions (no read each), then our finalizer goes, in a patch that
-//! tests the machine's uid and the finalizer's position. An object the caches did not show
-//! yet is released by the sweep once no live machine carries its address.
-//!
-//! The machine is read live only when the caches leave a doubt. A stale machine cache may
-//! still show a machine that another replica released while a newer machine of the same name
-//! already holds claims; those claims were made after the old machine was gone, so after its
-//! `deletionTimestamp`. When every claim and orphan address to delete was created strictly
-//! before that timestamp (the usual case: a VM takes longer to delete than a second), none
-//! can be a newer machine's and the cached machine decides; otherwise (created in the same
-//! second, or not known) the machine is read, and decides, as before.
+//! Cheap on the apiserver: one read of the machine (its uid and finalizers, live), then the
+//! claims and addresses the caches know for it are deleted with uid preconditions (no read
+//! each), then our finalizer goes. An object the caches did not show yet is released by the
+//! sweep once no live machine carries its address.
 
 use std::net::Ipv4Addr;
 
 use json_patch::{Patch, PatchOperation, RemoveOperation, TestOperation};
-use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch as KubePatch, PatchParams};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
@@ -87,116 +78,56 @@ impl Lifecycle {
         let ns = cached.namespace().unwrap_or_default();
         let name = cached.name_any();
         let key = machine_key(&ns, &name);
-        let Some(deleted_at) = cached.metadata.deletion_timestamp.clone() else {
+        // Decide on the live object: the cache may still show a machine that another
+        // replica released, while a new machine of the same name already holds claims.
+        let live = Api::<ElfMachine>::namespaced(self.assigner.client.clone(), &ns)
+            .get_opt(&name)
+            .await
+            .map_err(api(format!("reading ElfMachine {ns}/{name}")))?;
+        let Some(machine) = live else { return Ok(()) };
+        let finalizers = machine.finalizers();
+        let Some(deleted_at) = machine.metadata.deletion_timestamp.clone() else {
             return Ok(());
         };
-        let deleted_at = deleted_at.0;
-        // Everything to delete strictly older than the deletion: the cached machine decides
-        // (module comment).
-        let from_cache = self.only_older_than(cached, deleted_at);
-        let live;
-        let machine = if from_cache {
-            cached
-        } else {
-            // Decide on the live object: the cache may still show a machine that another
-            // replica released, while a new machine of the same name already holds claims.
-            live = Api::<ElfMachine>::namespaced(self.assigner.client.clone(), &ns)
-                .get_opt(&name)
-                .await
-                .map_err(api(format!("reading ElfMachine {ns}/{name}")))?;
-            let Some(machine) = live.as_ref() else {
-                return Ok(());
-            };
-            let finalizers = machine.finalizers();
-            if machine.uid() != cached.uid()
-                || machine.metadata.deletion_timestamp.is_none()
-                || !finalizers.iter().any(|f| f == STATIC_IP_FINALIZER)
-                || finalizers.iter().any(|f| f == CAPE_FINALIZER)
-            {
-                return Ok(());
-            }
-            machine
-        };
+        if machine.uid() != cached.uid()
+            || !finalizers.iter().any(|f| f == STATIC_IP_FINALIZER)
+            || finalizers.iter().any(|f| f == CAPE_FINALIZER)
+        {
+            return Ok(());
+        }
         let uid = machine.uid().unwrap_or_default();
         // A claim of this machine is bound to its uid, or was made before the machine was
         // deleted: while the machine exists no newer machine of the name can exist, and the
         // claims of a create of that name refused meanwhile (the name was taken) are younger.
-        // Without the live read, only what is strictly older than the deletion is taken.
         let owned = |c: &ClaimInfo| match c.machine_uid.as_deref() {
             Some(bound) => bound == uid,
-            None if from_cache => older(c.created, deleted_at),
-            None => c.created.is_none_or(|t| t <= deleted_at),
+            None => c.created.is_none_or(|t| t <= deleted_at.0),
         };
         let devices = machine.spec.network.devices.len();
         let mut released = 0;
-        // Addresses let go with their claims here: not deleted again when the caches already
-        // show the claim gone and the address not yet.
-        let mut handled = Vec::new();
         for c in self.claims_of(&ns, &name, devices) {
             if c.deleting || !owned(&c) {
                 continue;
             }
-            for address in self
-                .release_claim(&ClaimToRelease::of_cache(&c), Some(&key))
-                .await?
-            {
-                handled.push((c.namespace.to_string(), address));
-            }
+            self.release_claim(&ClaimToRelease::of_cache(&c), Some(&key))
+                .await?;
             released += 1;
         }
-        self.release_orphan_addresses(&ns, &name, devices, deleted_at, from_cache, &handled)
+        self.release_orphan_addresses(&ns, &name, devices, &deleted_at.0)
             .await?;
         crate::fault::point("before-finalizer-removal");
-        remove_finalizer(&self.assigner.client, machine).await?;
-        // No event on the machine (one write per machine, on an object about to go): the
-        // pool's `Released` events, folded per burst, name it.
-        tracing::info!(machine = %key, claims = released, read = !from_cache, "released");
+        remove_finalizer(&self.assigner.client, &machine).await?;
+        self.assigner.events.emit(Note {
+            regarding: events::machine_ref(&ns, &name, machine.uid()),
+            warning: false,
+            reason: "AddressesReleased",
+            action: "Release",
+            message: format!(
+                "{released} IPClaim(s) released; finalizer {STATIC_IP_FINALIZER} removed"
+            ),
+        });
+        tracing::info!(machine = %key, claims = released, "released");
         Ok(())
-    }
-
-    /// Whether every claim and orphan address that the release of `machine` would delete
-    /// (by the caches) was created strictly before `deleted_at`, so that none can belong to
-    /// a newer machine of the same name.
-    fn only_older_than(&self, machine: &ElfMachine, deleted_at: Timestamp) -> bool {
-        let ns = machine.namespace().unwrap_or_default();
-        let name = machine.name_any();
-        let devices = machine.spec.network.devices.len();
-        let claims: Vec<_> = self
-            .claims_of(&ns, &name, devices)
-            .into_iter()
-            .filter(|c| !c.deleting)
-            .collect();
-        // A device carrying an address whose claim the cache does not show yet: the caches
-        // are behind, the live read (and its delay) decides.
-        let carrying = machine
-            .spec
-            .network
-            .devices
-            .iter()
-            .filter(|d| !d.ip_addrs.is_empty())
-            .count();
-        let claims_ok = claims.len() >= carrying
-            && claims
-                .iter()
-                .all(|c| c.machine_uid.is_some() || older(c.created, deleted_at));
-        claims_ok
-            && (0..devices).all(|i| {
-                let claim = claim_name(&ns, &name, i);
-                self.claim_namespaces(&ns).iter().all(|pool_ns| {
-                    self.assigner.caches.claims.get(pool_ns, &claim).is_some()
-                        || self
-                            .assigner
-                            .caches
-                            .index
-                            .addresses_of_claim(pool_ns, &claim)
-                            .iter()
-                            .all(|a| {
-                                a.deleting
-                                    || a.cooling_since.is_some()
-                                    || older(a.created, deleted_at)
-                            })
-                })
-            })
     }
 
     /// Addresses of this machine whose claim is already gone (an earlier pass, or another
@@ -206,9 +137,7 @@ impl Lifecycle {
         ns: &str,
         name: &str,
         devices: usize,
-        deleted_at: Timestamp,
-        from_cache: bool,
-        handled: &[(String, String)],
+        deleted_at: &k8s_openapi::jiff::Timestamp,
     ) -> Result<(), LifecycleError> {
         let key = machine_key(ns, name);
         for i in 0..devices {
@@ -223,18 +152,8 @@ impl Lifecycle {
                     .index
                     .addresses_of_claim(&pool_ns, &claim)
                 {
-                    // Without the live read, only what is strictly older than the deletion.
-                    let younger = if from_cache {
-                        !older(a.created, deleted_at)
-                    } else {
-                        a.created.is_some_and(|t| t > deleted_at)
-                    };
-                    let done = handled
-                        .iter()
-                        .any(|(n, name)| *n == pool_ns && **name == *a.name);
                     if a.deleting
-                        || done
-                        || younger
+                        || a.created.is_some_and(|t| t > *deleted_at)
                         || self.carried_by_others(a.address, Some(&key))
                     {
                         continue;
@@ -346,7 +265,7 @@ impl Lifecycle {
 
     /// Deletes one claim and every address that names it: the claim first (at its uid, and
     /// at its resourceVersion when it was read live), then the addresses found before it
-    /// went (at their uid). Returns the addresses it let go.
+    /// went (at their uid).
     ///
     /// An address that a live machine other than `releasing` (the machine whose release
     /// this is, if any) carries is kept: it stays locked, and the sweep lets it go once
@@ -355,7 +274,7 @@ impl Lifecycle {
         &self,
         claim: &ClaimToRelease,
         releasing: Option<&str>,
-    ) -> Result<Vec<String>, LifecycleError> {
+    ) -> Result<(), LifecycleError> {
         let (ns, name, pool) = (&claim.namespace, &claim.name, &claim.pool);
         let client = &self.assigner.client;
         let held = self.addresses_held(claim, releasing).await?;
@@ -375,22 +294,18 @@ impl Lifecycle {
             Ok(state) => state,
             // The precondition failed: the claim was replaced or taken over meanwhile;
             // leave it and its address alone.
-            Err(kube::Error::Api(s)) if s.code == 409 => return Ok(Vec::new()),
+            Err(kube::Error::Api(s)) if s.code == 409 => return Ok(()),
             Err(e) => return Err(api(format!("deleting IPClaim {ns}/{name}"))(e)),
         };
         crate::fault::point("after-claim-delete");
         if claim_state == writer::Deleted::Missing {
             // Another replica released it, addresses included; what it may have left behind
             // is found by the machine's release or the sweep.
-            return Ok(Vec::new());
+            return Ok(());
         }
-        let mut let_go = Vec::new();
         for (address, uid, _) in &held {
             let state = match self.let_go(ns, address, uid.as_deref()).await {
-                Ok(state) => {
-                    let_go.push(address.clone());
-                    state
-                }
+                Ok(state) => state,
                 // Replaced since it was read: not this claim's any more.
                 Err(kube::Error::Api(s)) if s.code == 409 => continue,
                 Err(e) => return Err(api(format!("deleting IPAddress {ns}/{address}"))(e)),
@@ -438,25 +353,13 @@ impl Lifecycle {
             warning: false,
             reason: "Released",
             action: "Release",
-            message: match releasing {
-                Some(machine) => format!(
-                    "IPClaim {name} and its addresses {} (ElfMachine {machine})",
-                    addresses.join(", ")
-                ),
-                None => format!("IPClaim {name} and its addresses {}", addresses.join(", ")),
-            },
+            message: format!("IPClaim {name} and its addresses {}", addresses.join(", ")),
         });
-        Ok(let_go)
+        Ok(())
     }
 }
 
-/// Whether `t` is known and strictly before `deleted_at`.
-fn older(t: Option<Timestamp>, deleted_at: Timestamp) -> bool {
-    t.is_some_and(|t| t < deleted_at)
-}
-
-/// Removes our finalizer, guarded by a test of the machine's uid and of the finalizer at
-/// that index: a machine known from the cache that is gone or replaced is left alone.
+/// Removes our finalizer, guarded by a test of the finalizer at that index.
 async fn remove_finalizer(
     client: &kube::Client,
     machine: &ElfMachine,
@@ -477,10 +380,6 @@ async fn remove_finalizer(
         };
         let path = format!("/metadata/finalizers/{at}");
         let patch = Patch(vec![
-            PatchOperation::Test(TestOperation {
-                path: "/metadata/uid".parse().expect("valid pointer"),
-                value: json!(machine.uid()),
-            }),
             PatchOperation::Test(TestOperation {
                 path: path.parse().expect("valid pointer"),
                 value: json!(STATIC_IP_FINALIZER),
