@@ -1,5 +1,5 @@
 //! Kubernetes Events for operators: `Allocated`, `Released` and `Exhausted` on IPPools, and
-//! `AddressesAssigned` on ElfMachines that exist. Events are queued and
+//! `AddressesAssigned` / `AddressesReleased` on ElfMachines that exist. Events are queued and
 //! published by a background task, never on the admission path; when the queue is full an
 //! event is dropped (events are best effort, the objects are the record). The publisher
 //! lingers [`LINGER`] after the first note of a round, and the notes of that round (a

@@ -104,22 +104,29 @@ impl Lifecycle {
             None => c.created.is_none_or(|t| t <= deleted_at.0),
         };
         let devices = machine.spec.network.devices.len();
-        let mut released: Vec<String> = Vec::new();
+        let mut released = 0;
         for c in self.claims_of(&ns, &name, devices) {
             if c.deleting || !owned(&c) {
                 continue;
             }
             self.release_claim(&ClaimToRelease::of_cache(&c), Some(&key))
                 .await?;
-            released.push(c.name.to_string());
+            released += 1;
         }
-        self.release_orphan_addresses(&ns, &name, devices, &deleted_at.0, &released)
+        self.release_orphan_addresses(&ns, &name, devices, &deleted_at.0)
             .await?;
         crate::fault::point("before-finalizer-removal");
         remove_finalizer(&self.assigner.client, &machine).await?;
-        // No event per machine (a write each): the pool's folded `Released` event names the
-        // claims, and the machine is gone.
-        tracing::info!(machine = %key, claims = released.len(), "released");
+        self.assigner.events.emit(Note {
+            regarding: events::machine_ref(&ns, &name, machine.uid()),
+            warning: false,
+            reason: "AddressesReleased",
+            action: "Release",
+            message: format!(
+                "{released} IPClaim(s) released; finalizer {STATIC_IP_FINALIZER} removed"
+            ),
+        });
+        tracing::info!(machine = %key, claims = released, "released");
         Ok(())
     }
 
@@ -131,16 +138,10 @@ impl Lifecycle {
         name: &str,
         devices: usize,
         deleted_at: &k8s_openapi::jiff::Timestamp,
-        released: &[String],
     ) -> Result<(), LifecycleError> {
         let key = machine_key(ns, name);
         for i in 0..devices {
             let claim = claim_name(ns, name, i);
-            // Released a moment ago in this pass: its addresses went with it (the caches
-            // may not show that yet; deleting them again would cost a request each).
-            if released.contains(&claim) {
-                continue;
-            }
             for pool_ns in self.claim_namespaces(ns) {
                 if self.assigner.caches.claims.get(&pool_ns, &claim).is_some() {
                     continue;
