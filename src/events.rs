@@ -1,5 +1,5 @@
 //! Kubernetes Events for operators: `Allocated`, `Released` and `Exhausted` on IPPools, and
-//! `AddressesAssigned` / `AddressesReleased` on ElfMachines that exist. Events are queued and
+//! `AddressesAssigned` on ElfMachines that exist. Events are queued and
 //! published by a background task, never on the admission path; when the queue is full an
 //! event is dropped (events are best effort, the objects are the record). The publisher
 //! lingers [`LINGER`] after the first note of a round, and the notes of that round (a
@@ -19,7 +19,6 @@ use std::hash::{Hash, Hasher};
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-use k8s_openapi::jiff::Timestamp;
 use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
@@ -139,7 +138,7 @@ impl Publisher {
             .clone()
             .unwrap_or_else(|| "default".into());
         let api: Api<Event> = Api::namespaced(self.client.clone(), &namespace);
-        let now = MicroTime(Timestamp::now());
+        let now = MicroTime(crate::fault::now());
         if let Some(count) = self.seen.get(&name) {
             let count = count + 1;
             let patch = json!({"series": {"count": count, "lastObservedTime": now}});

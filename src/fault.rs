@@ -11,11 +11,32 @@
 //!   destructor, no flush, no answer) at the first hit of the point NAME; `NAME:N` at its N-th
 //!   hit (counted from the start of the process);
 //! - `CAPE_STATIC_IP_FAULT_DELAY=NAME=DURATION` (humantime, `NAME:N=DURATION` for the N-th
-//!   hit only; several separated by commas) makes [`delay`] wait that long at the point.
+//!   hit only; several separated by commas) makes [`delay`] wait that long at the point;
+//! - `CAPE_STATIC_IP_FAULT_CLOCK_OFFSET=DURATION` (`-DURATION` for behind) shifts the wall
+//!   clock [`now`] returns, as on a replica whose clock is wrong.
 //!
 //! Points (the admission write chain, then release):
 //! `after-address`, `after-claim`, `after-claim-status`, `before-answer`,
 //! `after-claim-delete`, `after-address-delete`, `before-finalizer-removal`.
+//!
+//! Delay points: `before-answer`, `after-address` (an address created, its claim not yet),
+//! `after-address-take-over` (an address without its claim taken over, its claim not yet
+//! created), `sweep-decided` (a sweep read the claim and machine live, before its delete),
+//! `claim-watch`, `address-watch`, `pool-watch` (each change of that watch waits before it
+//! is applied: that cache lags behind the others).
+
+/// The wall clock, for the timestamps this project writes (events, `leased-at`,
+/// `released-at`, a pool's `lastUpdated`). No age or deadline is ever computed from it: ages
+/// are measured on the monotonic clock. With the feature, `CAPE_STATIC_IP_FAULT_CLOCK_OFFSET`
+/// (humantime, `-` in front for behind, e.g. `1h` or `-1h`) shifts it, as a replica whose
+/// clock is wrong would see it.
+#[inline]
+pub fn now() -> k8s_openapi::jiff::Timestamp {
+    let now = k8s_openapi::jiff::Timestamp::now();
+    #[cfg(feature = "fault-points")]
+    let now = armed::shifted(now);
+    now
+}
 
 /// Dies here when armed (see the module comment).
 #[inline]
@@ -42,6 +63,27 @@ mod armed {
 
     pub const POINT_VAR: &str = "CAPE_STATIC_IP_FAULT_POINT";
     pub const DELAY_VAR: &str = "CAPE_STATIC_IP_FAULT_DELAY";
+    pub const CLOCK_VAR: &str = "CAPE_STATIC_IP_FAULT_CLOCK_OFFSET";
+
+    /// `now` shifted by the offset the environment sets, if any.
+    pub fn shifted(now: k8s_openapi::jiff::Timestamp) -> k8s_openapi::jiff::Timestamp {
+        let Ok(spec) = std::env::var(CLOCK_VAR) else {
+            return now;
+        };
+        let (behind, text) = match spec.trim().strip_prefix('-') {
+            Some(rest) => (true, rest),
+            None => (false, spec.trim().trim_start_matches('+')),
+        };
+        let Ok(offset) = humantime::parse_duration(text) else {
+            return now;
+        };
+        let shifted = if behind {
+            now.checked_sub(offset)
+        } else {
+            now.checked_add(offset)
+        };
+        shifted.unwrap_or(now)
+    }
 
     static HITS: Mutex<Option<HashMap<(&'static str, &'static str), u64>>> = Mutex::new(None);
 

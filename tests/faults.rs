@@ -740,3 +740,262 @@ async fn a_webhook_slower_than_its_timeout_leaves_nothing_behind() {
     assert_eq!((c.live, c.sound(), c.left()), (1, true, 0), "{c:?}");
     assert_eq!((c.addresses, c.claims), (2, 2), "{c:?}");
 }
+
+/// The addresses of every IPAddress in `ns`.
+async fn address_ips(client: &Client, ns: &str) -> Vec<String> {
+    objects(client, ns, "IPAddress", "ipaddresses")
+        .await
+        .iter()
+        .filter_map(|a| a["spec"]["address"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// Two creates of one machine at once (a client that tried again before the first answer):
+/// the first request writes the address and pauses before its claim; the second finds that
+/// address without a claim, takes it over and completes the pair, and the machine is stored
+/// with it; the first then finds the claim taken and gives back what it wrote. The address
+/// the machine carries must stay, backed by its claim (before, the give-back deleted it by
+/// name).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_give_back_never_removes_an_address_another_request_took_over() {
+    let _alone = ALONE.lock().await;
+    let cp = shared(CrdSet::Current);
+    let client = cp.client().await;
+    let config = config(cp, "takeover");
+    let ns = namespace(&client, "f-takeover", "10.65.0.0/24", &config).await;
+    let mut calm = unarmed(
+        &config,
+        "takeover-registration",
+        &client,
+        std::slice::from_ref(&ns),
+    )
+    .await;
+    calm.kill();
+    let mut hook = config.spawn(
+        "takeover",
+        &[("CAPE_STATIC_IP_FAULT_DELAY", "after-address:1=6s")],
+    );
+    hook.ready().await;
+    let first = {
+        let (client, ns) = (client.clone(), ns.clone());
+        tokio::spawn(
+            async move { create(&client, &ns, capi_machine("m", "tpl", devices(1))).await },
+        )
+    };
+    eventually(
+        Duration::from_secs(10),
+        "the first request wrote its address",
+        || async { address_ips(&client, &ns).await.len() == 1 },
+    )
+    .await;
+    // The replica's address cache sees it an instant later.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let second = create(&client, &ns, capi_machine("m", "tpl", devices(1)))
+        .await
+        .expect("the second create takes the address over and is stored");
+    let taken = carried(&serde_json::to_value(&second).unwrap());
+    let first = first.await.unwrap();
+    assert!(
+        first.is_err(),
+        "two creates of one name were both stored: {first:?}"
+    );
+    let c = census(&client, &ns).await;
+    report("give-back racing a take-over", 2, 0, &c);
+    assert!(c.sound(), "{taken:?}: {c:?}\n{}", hook.tail());
+    assert!(
+        hook.logged("taken over by another request: kept"),
+        "precondition: the first request gave back after the take-over:\n{}",
+        hook.tail()
+    );
+    assert_eq!(address_ips(&client, &ns).await.len(), 1, "{c:?}");
+    // The address stays locked: the next machine gets another one.
+    let (next, _) = create_as_capi(&client, &ns, "next", "tpl", 1).await;
+    assert_ne!(carried(&next), taken);
+    let c = census(&client, &ns).await;
+    assert!(c.sound(), "{c:?}");
+}
+
+/// A machine gone without its release (its finalizers removed by hand): past the grace the
+/// sweep reads its claim and the machine live, finds no machine, and decides to release the
+/// claim; before it deletes, the machine is created again under the same name carrying that
+/// address (a restore, `clusterctl move`). The address must stay locked, and the next
+/// machine gets another one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sweep_that_already_decided_never_frees_what_a_re_created_machine_carries() {
+    let _alone = ALONE.lock().await;
+    let cp = shared(CrdSet::Current);
+    let client = cp.client().await;
+    let config = config(cp, "sweep-race");
+    let ns = namespace(&client, "f-sweep-race", "10.66.0.0/24", &config).await;
+    let mut calm = unarmed(
+        &config,
+        "sweep-race-registration",
+        &client,
+        std::slice::from_ref(&ns),
+    )
+    .await;
+    calm.kill();
+    let mut hook = config.spawn(
+        "sweep-race",
+        &[("CAPE_STATIC_IP_FAULT_DELAY", "sweep-decided:1=12s")],
+    );
+    hook.ready().await;
+    let (m, _) = create_as_capi(&client, &ns, "m", "tpl", 1).await;
+    let ip = carried(&m)[0].clone().expect("an address");
+    let api = machines(&client, &ns);
+    api.patch(
+        "m",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(json!({"metadata": {"finalizers": null}})),
+    )
+    .await
+    .unwrap();
+    api.delete("m", &DeleteParams::default()).await.unwrap();
+    eventually(Duration::from_secs(10), "machine gone", || async {
+        api.get_opt("m").await.unwrap().is_none()
+    })
+    .await;
+    eventually(
+        GRACE * 2,
+        "the sweep decided to release the claim",
+        || async { hook.logged("fault point sweep-decided (hit 1)") },
+    )
+    .await;
+    let mut restored = capi_machine("m", "tpl", devices(1));
+    restored["spec"]["network"]["devices"][0]["ipAddrs"] = json!([ip]);
+    restored["spec"]["network"]["devices"][0]["netmask"] = json!("255.255.255.0");
+    create(&client, &ns, restored)
+        .await
+        .expect("the restored machine is stored");
+    eventually(
+        Duration::from_secs(20),
+        "the sweep went on after its pause",
+        || async {
+            hook.logged("released a claim no machine carries or needs")
+                || hook.logged("could not release claim")
+        },
+    )
+    .await;
+    assert!(
+        address_ips(&client, &ns).await.contains(&ip),
+        "the IPAddress of {ip}, carried by the restored machine, was deleted:\n{}",
+        hook.tail()
+    );
+    let (next, _) = create_as_capi(&client, &ns, "next", "tpl", 1).await;
+    assert_ne!(carried(&next)[0].as_deref(), Some(ip.as_str()));
+    let c = census(&client, &ns).await;
+    report("sweep decided, then same name re-created", 3, 0, &c);
+    assert_eq!((c.duplicates, c.missing), (0, 0), "{c:?}");
+}
+
+/// Ages are judged on each replica's own monotonic clock, never its wall clock against the
+/// apiserver's timestamps. A replica whose wall clock runs an hour ahead keeps the claim of
+/// a create still in admission (its answer held 8 s); one whose clock runs an hour behind
+/// still releases, after the grace, what an interrupted create left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_clock_is_an_hour_off_judges_ages_rightly() {
+    let _alone = ALONE.lock().await;
+    let cp = shared(CrdSet::Current);
+    let client = cp.client().await;
+    let config = config(cp, "clock");
+    let ns = namespace(&client, "f-clock", "10.67.0.0/24", &config).await;
+    let mut calm = unarmed(
+        &config,
+        "clock-registration",
+        &client,
+        std::slice::from_ref(&ns),
+    )
+    .await;
+    calm.kill();
+
+    // An hour ahead: a claim written an instant ago is young.
+    let mut ahead = config.spawn(
+        "clock-ahead",
+        &[
+            ("CAPE_STATIC_IP_FAULT_CLOCK_OFFSET", "1h"),
+            ("CAPE_STATIC_IP_FAULT_DELAY", "before-answer:1=8s"),
+        ],
+    );
+    ahead.ready().await;
+    let held = create(&client, &ns, capi_machine("held", "tpl", devices(1)))
+        .await
+        .expect("the held create is stored");
+    let ip = carried(&serde_json::to_value(&held).unwrap());
+    let c = census(&client, &ns).await;
+    report("clock an hour ahead, create held 8 s", 1, 0, &c);
+    assert!(c.sound(), "{ip:?}: {c:?}\n{}", ahead.tail());
+    let (next, _) = create_as_capi(&client, &ns, "next", "tpl", 1).await;
+    assert_ne!(carried(&next), ip);
+    ahead.kill();
+
+    // An hour behind: what a create interrupted after its writes left is released.
+    let mut dies = config.spawn(
+        "clock-dies",
+        &[("CAPE_STATIC_IP_FAULT_POINT", "after-claim-status")],
+    );
+    dies.ready().await;
+    let lost = create(&client, &ns, capi_machine("lost", "tpl", devices(1))).await;
+    assert!(lost.is_err(), "a create went through a webhook that died");
+    assert!(!dies.exited(Duration::from_secs(30)).await.success());
+    let started = Instant::now();
+    let behind = config.spawn(
+        "clock-behind",
+        &[("CAPE_STATIC_IP_FAULT_CLOCK_OFFSET", "-1h")],
+    );
+    let mut behind = behind;
+    behind.ready().await;
+    let c = census(&client, &ns).await;
+    assert_eq!(
+        c.left(),
+        2,
+        "precondition: the lost create left its pair: {c:?}"
+    );
+    let c = settled(&client, std::slice::from_ref(&ns), &behind, started)
+        .await
+        .remove(0);
+    report("clock an hour behind, lost create", 3, 0, &c);
+    assert!(c.sound(), "{c:?}");
+    assert_eq!((c.live, c.left()), (2, 0), "{c:?}");
+}
+
+/// The caches are other watches than the machine's: a machine deleted an instant after its
+/// create can be seen deleted before its claims are seen at all (here the claim watch lags
+/// 3 s per change). Its release must still take its claims and addresses, at once, not
+/// leave them for the sweep (before: the claims stayed, their addresses went).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_ahead_of_the_claim_cache_leaves_nothing() {
+    let _alone = ALONE.lock().await;
+    let cp = shared(CrdSet::Current);
+    let client = cp.client().await;
+    let config = config(cp, "lagging");
+    let ns = namespace(&client, "f-lagging", "10.68.0.0/24", &config).await;
+    let mut calm = unarmed(
+        &config,
+        "lagging-registration",
+        &client,
+        std::slice::from_ref(&ns),
+    )
+    .await;
+    calm.kill();
+    let mut hook = config.spawn(
+        "lagging",
+        &[("CAPE_STATIC_IP_FAULT_DELAY", "claim-watch=3s")],
+    );
+    hook.ready().await;
+    let (m, _) = create_as_capi(&client, &ns, "m", "tpl", 2).await;
+    assert!(carried(&m).iter().all(Option::is_some), "{m}");
+    delete_as_capi(&client, &ns, "m").await;
+    let api = machines(&client, &ns);
+    eventually(Duration::from_secs(20), "deleted machine gone", || async {
+        api.get_opt("m").await.unwrap().is_none()
+    })
+    .await;
+    let c = census(&client, &ns).await;
+    report("release ahead of the claim cache", 1, 0, &c);
+    assert!(
+        hook.logged("caches behind the machine") || hook.logged("listing its claims"),
+        "precondition: the release ran before the claims were cached:\n{}",
+        hook.tail()
+    );
+    assert_eq!((c.addresses, c.claims), (0, 0), "{c:?}\n{}", hook.tail());
+}

@@ -25,7 +25,7 @@ use kube::{Api, Client, ResourceExt};
 use crate::cluster::cache::Caches;
 use crate::cluster::crd::{ElfMachineTemplate, NetworkDevice};
 use crate::cluster::index::PoolUnavailable;
-use crate::cluster::writer::{self, AddressObject, Created};
+use crate::cluster::writer::{self, AddressObject, Created, Only};
 use crate::contract::*;
 use crate::events::Events;
 use crate::ipam::allocate::AllocError;
@@ -492,8 +492,9 @@ impl Assigner {
                 labels: &labels,
             };
             match self.create_address(&object).await {
-                Ok(Created::Created(_)) => {
+                Ok(Created::Created(version)) => {
                     crate::fault::point("after-address");
+                    crate::fault::delay("after-address").await;
                     let _ = index.with_pool(pool, |s| s.commit(ip));
                     written.addresses.push(WrittenAddress {
                         namespace: pool.namespace.clone(),
@@ -501,6 +502,7 @@ impl Assigner {
                         pool: pool.clone(),
                         address: ip,
                         claim: claim.to_string(),
+                        resource_version: version,
                     });
                     return Ok(Some(lease));
                 }
@@ -551,7 +553,14 @@ impl Assigner {
         let Some(a) = self.caches.index.oldest_cooling(pool) else {
             return false;
         };
-        match writer::delete_address(&self.client, &a.namespace, &a.name, a.uid.as_deref()).await {
+        match writer::delete_address(
+            &self.client,
+            &a.namespace,
+            &a.name,
+            Only::uid(a.uid.as_deref()),
+        )
+        .await
+        {
             Ok(_) => {
                 tracing::info!(address = %format!("{}/{}", a.namespace, a.name), pool = %pool, "pool full: reusing a cooling address");
                 let _ = self
@@ -570,9 +579,13 @@ impl Assigner {
     /// Creates an IPAddress. A failure whose outcome is unknown (transport error, timeout,
     /// 5xx) is settled by reading the object back: if it was stored for this claim, it is
     /// ours ("maybe written" is never taken for "not written").
-    async fn create_address(&self, object: &AddressObject<'_>) -> Result<Created<()>, kube::Error> {
+    /// The version created is returned, to give back only that version.
+    async fn create_address(
+        &self,
+        object: &AddressObject<'_>,
+    ) -> Result<Created<Option<String>>, kube::Error> {
         let e = match writer::create_address(&self.client, object).await {
-            Ok(Created::Created(_)) => return Ok(Created::Created(())),
+            Ok(Created::Created(a)) => return Ok(Created::Created(a.metadata.resource_version)),
             Ok(Created::Exists) => return Ok(Created::Exists),
             Err(e) if !writer::maybe_written(&e) => return Err(e),
             Err(e) => e,
@@ -583,7 +596,7 @@ impl Assigner {
                 if a.spec.claim.name.as_deref() == Some(object.claim)
                     && a.spec.address == object.address.to_string() =>
             {
-                Ok(Created::Created(()))
+                Ok(Created::Created(a.metadata.resource_version))
             }
             Ok(Some(_)) => Ok(Created::Exists),
             // Not stored, or unknown: the background loop releases a stored address that no

@@ -14,30 +14,22 @@ use crate::metrics::PoolLabels;
 /// claims to machine uids, pool status) do not compete with a scale-up for the apiserver.
 #[derive(Debug, Default)]
 pub struct Activity {
-    /// Milliseconds since the Unix epoch; 0 before the first assignment.
-    last_ms: std::sync::atomic::AtomicU64,
+    /// When the last assignment was, by this process's monotonic clock.
+    last: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl Activity {
-    pub(super) fn now_ms() -> u64 {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0)
-    }
-
     /// Records an assignment now.
     pub fn touch(&self) {
-        self.last_ms
-            .store(Self::now_ms(), std::sync::atomic::Ordering::Relaxed);
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::time::Instant::now());
     }
 
     /// How long ago the last assignment was (`Duration::MAX` if none).
     pub fn idle_for(&self) -> Duration {
-        match self.last_ms.load(std::sync::atomic::Ordering::Relaxed) {
-            0 => Duration::MAX,
-            last => Duration::from_millis(Self::now_ms().saturating_sub(last)),
-        }
+        self.last
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map_or(Duration::MAX, |t| t.elapsed())
     }
 }
 

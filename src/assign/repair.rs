@@ -20,7 +20,7 @@ use kube::ResourceExt;
 use super::lease::lease_of_address;
 use super::{AssignError, Assigner, CLAIM_WAIT_STEP, CLAIM_WAIT_TRIES, Lease, MachineView};
 use crate::cluster::crd::IPClaim;
-use crate::cluster::writer::{self, Deleted};
+use crate::cluster::writer::{self, Deleted, Only};
 use crate::contract::*;
 use crate::ipam::select::PoolKey;
 
@@ -33,6 +33,9 @@ pub(super) struct WrittenAddress {
     pub(super) address: Ipv4Addr,
     /// The claim it was made for.
     pub(super) claim: String,
+    /// The version this request wrote (created, or touched on a take-over): a give-back
+    /// deletes only that version, so an address another request took over meanwhile stays.
+    pub(super) resource_version: Option<String>,
 }
 
 /// An IPClaim one request created, with the resourceVersion of its last write.
@@ -281,8 +284,23 @@ impl Assigner {
             source,
         };
         match live {
-            // The address was written but its claim was not (an interrupted request).
+            // The address was written but its claim was not (an interrupted request, or one
+            // still running). Written to first, so that the other request's give-back (at
+            // the version it created) leaves it alone; gone meanwhile: not taken.
             None => {
+                let Some(version) =
+                    writer::touch_address(&self.client, &pool.namespace, &address_name, None)
+                        .await
+                        .map_err(|source| {
+                            api_err(
+                                format!("taking over IPAddress {}/{address_name}", pool.namespace),
+                                source,
+                            )
+                        })?
+                else {
+                    return Ok(false);
+                };
+                crate::fault::delay("after-address-take-over").await;
                 let mut written = Written::default();
                 written.addresses.push(WrittenAddress {
                     namespace: pool.namespace.clone(),
@@ -290,6 +308,7 @@ impl Assigner {
                     pool: pool.clone(),
                     address: lease.address,
                     claim: claim.to_string(),
+                    resource_version: Some(version),
                 });
                 if !self.record_claim(m, device, lease, &mut written).await? {
                     return Ok(false);
@@ -327,9 +346,9 @@ impl Assigner {
         Ok(true)
     }
 
-    /// Deletes what a failed request wrote, newest first: each claim only at the version
-    /// this request wrote (a claim another request took over meanwhile stays, with its
-    /// address). Failures are logged: the background loop releases whatever is left once
+    /// Deletes what a failed request wrote, newest first: each claim and address only at the
+    /// version this request wrote (one another request took over meanwhile stays, and so
+    /// does the address of a claim that stays). Failures are logged: the background loop releases whatever is left once
     /// the grace period has passed.
     pub(super) async fn give_back(&self, written: Written) {
         let mut kept: Vec<(String, String)> = Vec::new();
@@ -337,12 +356,11 @@ impl Assigner {
             let (ns, name) = (&c.namespace, &c.name);
             self.pending.forget(ns, name);
             tracing::debug!(claim = %format!("{ns}/{name}"), "giving back claim");
-            match writer::delete_claim_version(
+            match writer::delete_claim(
                 &self.client,
                 ns,
                 name,
-                None,
-                c.resource_version.as_deref(),
+                Only::version(None, c.resource_version.as_deref()),
             )
             .await
             {
@@ -365,7 +383,11 @@ impl Assigner {
                 continue;
             }
             let (ns, name) = (&a.namespace, &a.name);
-            match writer::delete_address(&self.client, ns, name, None).await {
+            let only = Only::version(None, a.resource_version.as_deref());
+            match writer::delete_address(&self.client, ns, name, only).await {
+                Err(kube::Error::Api(s)) if s.code == 409 => {
+                    tracing::info!(address = %format!("{ns}/{name}"), "address taken over by another request: kept");
+                }
                 Ok(_) => {
                     tracing::info!(address = %format!("{ns}/{name}"), "gave back address");
                     let _ = self

@@ -319,11 +319,22 @@ fn watch_machines(
     reader
 }
 
+/// The test-only delay point that makes this watch lag behind the others (each change
+/// waits there before it is applied): `claim-watch`, `address-watch`, `pool-watch`.
+fn lag_point<K: Resource<DynamicType = ()>>() -> &'static str {
+    match K::kind(&()).as_ref() {
+        "IPClaim" => "claim-watch",
+        "IPAddress" => "address-watch",
+        "IPPool" => "pool-watch",
+        _ => "other-watch",
+    }
+}
+
 /// Objects per page when listing (every kind but the one-object CRD watch).
 const LIST_PAGE: u32 = 500;
 
 /// Polls a watch stream forever, counting its first complete list towards readiness.
-async fn drive<K>(
+async fn drive<K: Resource<DynamicType = ()>>(
     stream: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
     synced: Arc<AtomicUsize>,
     mut handle: impl FnMut(Change<'_, K>) + Send + 'static,
@@ -331,6 +342,12 @@ async fn drive<K>(
     let mut counted = false;
     let mut stream = std::pin::pin!(stream);
     while let Some(item) = stream.next().await {
+        if matches!(
+            item,
+            Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_))
+        ) {
+            crate::fault::delay(lag_point::<K>()).await;
+        }
         match item {
             Ok(watcher::Event::Apply(obj)) => handle(Change::Applied(&obj)),
             Ok(watcher::Event::Delete(obj)) => handle(Change::Deleted(&obj)),

@@ -143,17 +143,52 @@ pub async fn touch_claim(
     claim: &str,
     uid: Option<&str>,
 ) -> Result<Option<String>, kube::Error> {
-    let api: Api<IPClaim> = Api::namespaced(client.clone(), namespace);
-    let stamp = format!("{}", k8s_openapi::jiff::Timestamp::now());
+    touch(
+        &Api::<IPClaim>::namespaced(client.clone(), namespace),
+        claim,
+        uid,
+    )
+    .await
+}
+
+/// Marks an address without its claim as taken over by a request that completes the pair:
+/// the write changes its resourceVersion, so the interrupted request's give-back (which
+/// deletes only the version it created) leaves it alone. `None` when it is gone (or
+/// replaced).
+pub async fn touch_address(
+    client: &Client,
+    namespace: &str,
+    address: &str,
+    uid: Option<&str>,
+) -> Result<Option<String>, kube::Error> {
+    touch(
+        &Api::<IPAddress>::namespaced(client.clone(), namespace),
+        address,
+        uid,
+    )
+    .await
+}
+
+/// Writes the leased-at annotation, guarded by the uid; the new resourceVersion, or `None`
+/// when the object is gone or replaced.
+async fn touch<K>(
+    api: &Api<K>,
+    name: &str,
+    uid: Option<&str>,
+) -> Result<Option<String>, kube::Error>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let stamp = crate::fault::now().to_string();
     let patch = json!({"metadata": {
         "uid": uid,
         "annotations": {crate::contract::ANNOTATION_LEASED_AT: stamp},
     }});
     match api
-        .patch(claim, &PatchParams::default(), &Patch::Merge(&patch))
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
     {
-        Ok(c) => Ok(c.metadata.resource_version),
+        Ok(o) => Ok(o.meta().resource_version.clone()),
         Err(e) if is_status(&e, 404) || is_status(&e, 409) || is_status(&e, 422) => Ok(None),
         Err(e) => Err(e),
     }
@@ -172,7 +207,7 @@ pub async fn cool_address(
     let patch = json!({"metadata": {
         "uid": uid,
         "annotations": {
-            crate::contract::ANNOTATION_RELEASED_AT: k8s_openapi::jiff::Timestamp::now().to_string(),
+            crate::contract::ANNOTATION_RELEASED_AT: crate::fault::now().to_string(),
         },
     }});
     match api
@@ -225,86 +260,79 @@ pub enum Deleted {
     Finalizing,
 }
 
-/// Deletes a claim (optionally only if it is still the object with `uid`).
+/// Which object a delete may remove: with `uid`, only that object (not a later one of the
+/// same name); with `resource_version` too, only that version of it (a change since the
+/// decision is answered 409 and the object stays).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Only<'a> {
+    pub uid: Option<&'a str>,
+    pub resource_version: Option<&'a str>,
+}
+
+impl<'a> Only<'a> {
+    /// Any object of the name.
+    pub const ANY: Only<'static> = Only {
+        uid: None,
+        resource_version: None,
+    };
+
+    /// The object with this uid, whatever its version.
+    pub fn uid(uid: Option<&'a str>) -> Self {
+        Only {
+            uid,
+            resource_version: None,
+        }
+    }
+
+    /// This version of the object with this uid.
+    pub fn version(uid: Option<&'a str>, resource_version: Option<&'a str>) -> Self {
+        Only {
+            uid,
+            resource_version,
+        }
+    }
+}
+
+/// Deletes a claim, guarded by `only`.
 pub async fn delete_claim(
     client: &Client,
     namespace: &str,
     name: &str,
-    uid: Option<&str>,
+    only: Only<'_>,
 ) -> Result<Deleted, kube::Error> {
     delete(
         Api::<IPClaim>::namespaced(client.clone(), namespace),
         name,
-        uid,
-        None,
+        only,
     )
     .await
 }
 
-/// Deletes a claim only if it is still the version that was read (uid and resourceVersion):
-/// a claim reused or changed since the decision is left alone (409).
-pub async fn delete_claim_version(
-    client: &Client,
-    namespace: &str,
-    name: &str,
-    uid: Option<&str>,
-    resource_version: Option<&str>,
-) -> Result<Deleted, kube::Error> {
-    delete(
-        Api::<IPClaim>::namespaced(client.clone(), namespace),
-        name,
-        uid,
-        resource_version,
-    )
-    .await
-}
-
-/// Deletes an address (optionally only if it is still the object with `uid`).
+/// Deletes an address, guarded by `only`.
 pub async fn delete_address(
     client: &Client,
     namespace: &str,
     name: &str,
-    uid: Option<&str>,
+    only: Only<'_>,
 ) -> Result<Deleted, kube::Error> {
     delete(
         Api::<IPAddress>::namespaced(client.clone(), namespace),
         name,
-        uid,
-        None,
+        only,
     )
     .await
 }
 
-/// Deletes an address only if it is still the version that was read.
-pub async fn delete_address_version(
-    client: &Client,
-    namespace: &str,
-    name: &str,
-    uid: Option<&str>,
-    resource_version: Option<&str>,
-) -> Result<Deleted, kube::Error> {
-    delete(
-        Api::<IPAddress>::namespaced(client.clone(), namespace),
-        name,
-        uid,
-        resource_version,
-    )
-    .await
-}
-
-async fn delete<K>(
-    api: Api<K>,
-    name: &str,
-    uid: Option<&str>,
-    resource_version: Option<&str>,
-) -> Result<Deleted, kube::Error>
+async fn delete<K>(api: Api<K>, name: &str, only: Only<'_>) -> Result<Deleted, kube::Error>
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
     let params = DeleteParams {
-        preconditions: (uid.is_some() || resource_version.is_some()).then(|| Preconditions {
-            uid: uid.map(Into::into),
-            resource_version: resource_version.map(Into::into),
+        preconditions: (only.uid.is_some() || only.resource_version.is_some()).then(|| {
+            Preconditions {
+                uid: only.uid.map(Into::into),
+                resource_version: only.resource_version.map(Into::into),
+            }
         }),
         ..Default::default()
     };

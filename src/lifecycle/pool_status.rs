@@ -2,7 +2,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch as KubePatch, PatchParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
@@ -61,7 +60,7 @@ impl Lifecycle {
             for (k, v) in want.iter().filter(|(k, v)| have.get(*k) != Some(*v)) {
                 indexes.insert(k.clone(), json!(v));
             }
-            let patch = json!({"status": {"indexes": indexes, "lastUpdated": Timestamp::now().to_string()}});
+            let patch = json!({"status": {"indexes": indexes, "lastUpdated": crate::fault::now().to_string()}});
             // A patch larger than etcd accepts would cost the apiserver seconds for nothing.
             let size = serde_json::to_vec(&patch).map_or(0, |b| b.len());
             if size > MAX_STATUS_PATCH {

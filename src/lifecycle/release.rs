@@ -1,20 +1,29 @@
 //! Release: a machine being deleted whose VM is gone gives back its claims and addresses,
 //! then loses our finalizer.
 //!
-//! Cheap on the apiserver: one read of the machine (its uid and finalizers, live), then the
-//! claims and addresses the caches know for it are deleted with uid preconditions (no read
-//! each), then our finalizer goes. An object the caches did not show yet is released by the
-//! sweep once no live machine carries its address.
+//! Cheap on the apiserver: one read of the machine (its uid, finalizers and the addresses its
+//! devices carry, live), then the claims and addresses the caches know for it are deleted
+//! with uid preconditions (no read each), then our finalizer goes.
+//!
+//! The caches are other watches than the machine's and may lag behind it: a machine deleted
+//! an instant after its create may be seen before its claims are. So the caches are trusted
+//! only when they account for every address the machine carries (a cached claim of this
+//! machine made for it); otherwise the machine's claims are listed live (one read, only
+//! then). An object neither shows (a carried address whose claim is gone) is left to the
+//! sweep, which releases it once no live machine carries its address.
 
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use json_patch::{Patch, PatchOperation, RemoveOperation, TestOperation};
-use kube::api::{Patch as KubePatch, PatchParams};
+use kube::api::{ListParams, Patch as KubePatch, PatchParams};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
 use super::{Lifecycle, LifecycleError, api};
+use crate::assign::owner_labels;
+use crate::cluster::cache::carried_addresses;
 use crate::cluster::claims::ClaimInfo;
 use crate::cluster::crd::{ElfMachine, IPAddress, IPClaim};
 use crate::cluster::writer;
@@ -104,30 +113,85 @@ impl Lifecycle {
             None => c.created.is_none_or(|t| t <= deleted_at.0),
         };
         let devices = machine.spec.network.devices.len();
-        let mut released = 0;
-        for c in self.claims_of(&ns, &name, devices) {
-            if c.deleting || !owned(&c) {
-                continue;
-            }
-            self.release_claim(&ClaimToRelease::of_cache(&c), Some(&key))
-                .await?;
-            released += 1;
+        let cached: Vec<Arc<ClaimInfo>> = self
+            .claims_of(&ns, &name, devices)
+            .into_iter()
+            .filter(|c| !c.deleting && owned(c))
+            .collect();
+        let claims: Vec<ClaimToRelease> = if self.accounts_for(&machine, &cached) {
+            cached.iter().map(|c| ClaimToRelease::of_cache(c)).collect()
+        } else {
+            tracing::info!(machine = %key, "caches behind the machine: listing its claims live");
+            self.live_claims_of(&ns, &name, &uid, &deleted_at.0, &cached)
+                .await?
+        };
+        for c in &claims {
+            self.release_claim(c, Some(&key)).await?;
         }
-        self.release_orphan_addresses(&ns, &name, devices, &deleted_at.0)
+        let handled: Vec<(&str, &str)> = claims
+            .iter()
+            .map(|c| (c.namespace.as_str(), c.name.as_str()))
+            .collect();
+        self.release_orphan_addresses(&ns, &name, devices, &deleted_at.0, &handled)
             .await?;
         crate::fault::point("before-finalizer-removal");
         remove_finalizer(&self.assigner.client, &machine).await?;
-        self.assigner.events.emit(Note {
-            regarding: events::machine_ref(&ns, &name, machine.uid()),
-            warning: false,
-            reason: "AddressesReleased",
-            action: "Release",
-            message: format!(
-                "{released} IPClaim(s) released; finalizer {STATIC_IP_FINALIZER} removed"
-            ),
-        });
-        tracing::info!(machine = %key, claims = released, "released");
+        tracing::info!(machine = %key, claims = claims.len(), "released");
         Ok(())
+    }
+
+    /// Whether the cached claims account for every address the machine carries: for each,
+    /// a claim of this machine made for it (by `status.address`, or the requested IP).
+    fn accounts_for(&self, machine: &ElfMachine, cached: &[Arc<ClaimInfo>]) -> bool {
+        carried_addresses(machine)
+            .into_iter()
+            .all(|ip| cached.iter().any(|c| self.claim_address(c) == Some(ip)))
+    }
+
+    /// The machine's claims read live (ours by their labels and machine annotation, in
+    /// every namespace with a pool), with the cached claims of the Go controller (by name)
+    /// that the list cannot select. Only claims of this machine are returned: bound to its
+    /// uid, or made before it was deleted (see [`Lifecycle::release_machine`]).
+    async fn live_claims_of(
+        &self,
+        ns: &str,
+        name: &str,
+        uid: &str,
+        deleted_at: &k8s_openapi::jiff::Timestamp,
+        cached: &[Arc<ClaimInfo>],
+    ) -> Result<Vec<ClaimToRelease>, LifecycleError> {
+        let key = machine_key(ns, name);
+        let mut selector = format!("{LABEL_MANAGED_BY}={MANAGER},{LABEL_MACHINE_NAMESPACE}={ns}");
+        if let Some(n) = owner_labels(ns, name).get(LABEL_MACHINE_NAME) {
+            selector.push_str(&format!(",{LABEL_MACHINE_NAME}={n}"));
+        }
+        let mut out: Vec<ClaimToRelease> = Vec::new();
+        for claim_ns in self.claim_namespaces(ns) {
+            let list = Api::<IPClaim>::namespaced(self.assigner.client.clone(), &claim_ns)
+                .list(&ListParams::default().labels(&selector))
+                .await
+                .map_err(api(format!("listing the IPClaims of {key} in {claim_ns}")))?;
+            for c in list.items {
+                let annotations = c.annotations();
+                let ours = annotations.get(ANNOTATION_MACHINE) == Some(&key);
+                let owned = match annotations.get(ANNOTATION_MACHINE_UID) {
+                    Some(bound) => bound == uid,
+                    None => c.creation_timestamp().is_none_or(|t| t.0 <= *deleted_at),
+                };
+                if ours && owned && c.metadata.deletion_timestamp.is_none() {
+                    out.push(ClaimToRelease::of_live(&c));
+                }
+            }
+        }
+        for c in cached.iter().filter(|c| c.machine.is_none()) {
+            if !out
+                .iter()
+                .any(|o| *o.namespace == *c.namespace && *o.name == *c.name)
+            {
+                out.push(ClaimToRelease::of_cache(c));
+            }
+        }
+        Ok(out)
     }
 
     /// Addresses of this machine whose claim is already gone (an earlier pass, or another
@@ -138,12 +202,17 @@ impl Lifecycle {
         name: &str,
         devices: usize,
         deleted_at: &k8s_openapi::jiff::Timestamp,
+        handled: &[(&str, &str)],
     ) -> Result<(), LifecycleError> {
         let key = machine_key(ns, name);
         for i in 0..devices {
             let claim = claim_name(ns, name, i);
             for pool_ns in self.claim_namespaces(ns) {
-                if self.assigner.caches.claims.get(&pool_ns, &claim).is_some() {
+                // A claim released in this pass took its addresses with it; one the caches
+                // still show is released with them, by its machine or by the sweep.
+                if handled.contains(&(pool_ns.as_str(), claim.as_str()))
+                    || self.assigner.caches.claims.get(&pool_ns, &claim).is_some()
+                {
                     continue;
                 }
                 for a in self
@@ -185,7 +254,7 @@ impl Lifecycle {
         uid: Option<&str>,
     ) -> Result<writer::Deleted, kube::Error> {
         if self.options.reuse_delay.is_zero() {
-            writer::delete_address(&self.assigner.client, ns, address, uid).await
+            writer::delete_address(&self.assigner.client, ns, address, writer::Only::uid(uid)).await
         } else {
             writer::cool_address(&self.assigner.client, ns, address, uid).await
         }
@@ -282,12 +351,11 @@ impl Lifecycle {
         // The claim first: metal3's controller, when it runs, must not see a live claim
         // without an address (it would allocate a new one).
         tracing::debug!(claim = %format!("{ns}/{name}"), "releasing claim");
-        let claim_state = match writer::delete_claim_version(
+        let claim_state = match writer::delete_claim(
             client,
             ns,
             name,
-            claim.uid.as_deref(),
-            claim.resource_version.as_deref(),
+            writer::Only::version(claim.uid.as_deref(), claim.resource_version.as_deref()),
         )
         .await
         {

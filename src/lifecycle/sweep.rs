@@ -69,7 +69,7 @@ impl Lifecycle {
 
     /// The address a cached claim holds: the IPAddress it points at, else the one it was
     /// made for.
-    fn claim_address(&self, claim: &ClaimInfo) -> Option<Ipv4Addr> {
+    pub(super) fn claim_address(&self, claim: &ClaimInfo) -> Option<Ipv4Addr> {
         let index = &self.assigner.caches.index;
         claim
             .address
@@ -114,6 +114,7 @@ impl Lifecycle {
         if machine.is_some_and(|m| wants_or_carries(&m, address)) {
             return Ok(false);
         }
+        crate::fault::delay("sweep-decided").await;
         self.release_claim(&super::release::ClaimToRelease::of_live(&live), None)
             .await?;
         Ok(true)
@@ -228,12 +229,11 @@ impl Lifecycle {
                 return Ok(false);
             }
         }
-        match writer::delete_address_version(
+        match writer::delete_address(
             client,
             ns,
             name,
-            live.uid().as_deref(),
-            live.resource_version().as_deref(),
+            writer::Only::version(live.uid().as_deref(), live.resource_version().as_deref()),
         )
         .await
         {

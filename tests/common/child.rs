@@ -126,6 +126,14 @@ impl ChildWebhook {
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
 
+    /// Whether its log has a line containing `text` so far.
+    pub fn logged(&self, text: &str) -> bool {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.contains(text))
+    }
+
     /// Waits until `/readyz` answers 200 (caches synced); panics if it exits first.
     pub async fn ready(&mut self) {
         let url = format!("http://{}/readyz", self.admin);
