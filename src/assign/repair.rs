@@ -161,7 +161,7 @@ impl Assigner {
             .enumerate()
             .any(|(i, d)| i != device && d.ip_addrs.contains(&text));
         let machine = machine_key(m.namespace, m.name);
-        on_other_device || self.caches.index.carriers(ip).iter().any(|k| *k != machine)
+        on_other_device || self.caches.index.carried_by_other_than(ip, Some(&machine))
     }
 
     /// The lease held by an existing claim of this name for this device. Repairs a

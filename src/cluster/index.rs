@@ -252,13 +252,14 @@ impl IpamIndex {
         }
     }
 
-    /// The machines (`namespace/name`) whose devices carry `address`.
-    pub fn carriers(&self, address: Ipv4Addr) -> Vec<String> {
+    /// Whether a live machine other than `except` (`namespace/name`; `None`: any machine)
+    /// carries `address` on one of its devices: the one rule that keeps an address locked,
+    /// claim or no claim.
+    pub fn carried_by_other_than(&self, address: Ipv4Addr, except: Option<&str>) -> bool {
         self.lock()
             .carriers
             .get(&address)
-            .map(|m| m.iter().map(|k| k.to_string()).collect())
-            .unwrap_or_default()
+            .is_some_and(|m| m.iter().any(|k| Some(&**k) != except))
     }
 
     /// Cooling addresses (released, kept for `--reuse-delay`) per pool.

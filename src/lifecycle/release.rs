@@ -223,7 +223,11 @@ impl Lifecycle {
                 {
                     if a.deleting
                         || a.created.is_some_and(|t| t > *deleted_at)
-                        || self.carried_by_others(a.address, Some(&key))
+                        || self
+                            .assigner
+                            .caches
+                            .index
+                            .carried_by_other_than(a.address, Some(&key))
                     {
                         continue;
                     }
@@ -258,16 +262,6 @@ impl Lifecycle {
         } else {
             writer::cool_address(&self.assigner.client, ns, address, uid).await
         }
-    }
-
-    /// Whether a live machine other than `releasing` carries `ip`.
-    fn carried_by_others(&self, ip: Ipv4Addr, releasing: Option<&str>) -> bool {
-        self.assigner
-            .caches
-            .index
-            .carriers(ip)
-            .iter()
-            .any(|k| Some(k.as_str()) != releasing)
     }
 
     /// The addresses a claim holds, read while the claim still exists: once the claim is
@@ -323,7 +317,7 @@ impl Lifecycle {
             }
         }
         held.retain(|(address, _, ip)| {
-            let carried = self.carried_by_others(*ip, releasing);
+            let carried = self.assigner.caches.index.carried_by_other_than(*ip, releasing);
             if carried {
                 tracing::warn!(address = %format!("{ns}/{address}"), claim = %name, "address kept: a live machine carries it");
             }

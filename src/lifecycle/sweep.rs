@@ -45,7 +45,8 @@ impl Lifecycle {
                 continue;
             };
             let address = self.claim_address(&claim);
-            if address.is_some_and(|ip| !self.assigner.caches.index.carriers(ip).is_empty()) {
+            let index = &self.assigner.caches.index;
+            if address.is_some_and(|ip| index.carried_by_other_than(ip, None)) {
                 continue;
             }
             let Some((mns, mname)) = owner.split_once('/') else {
@@ -160,7 +161,7 @@ impl Lifecycle {
             {
                 continue;
             }
-            if !index.carriers(address.address).is_empty() || self.claimed(&address) {
+            if index.carried_by_other_than(address.address, None) || self.claimed(&address) {
                 continue;
             }
             let (ns, name) = (&*address.namespace, &*address.name);
@@ -186,9 +187,7 @@ impl Lifecycle {
             .claims
             .get(&address.claim_namespace, &address.claim)
             .is_some_and(|c| {
-                c.address.as_deref() == Some(&*address.name)
-                    || (c.address.is_none() && c.requested == Some(address.address))
-                    || c.unchanged_for() <= grace
+                points_at(c.address.as_deref(), c.requested, address) || c.unchanged_for() <= grace
             })
     }
 
@@ -210,22 +209,16 @@ impl Lifecycle {
             && let Some(claim) =
                 writer::get_claim(client, &address.claim_namespace, &claim_name).await?
         {
-            let points = claim
+            let pointed = claim
                 .status
                 .as_ref()
                 .and_then(|s| s.address.as_ref())
-                .and_then(|a| a.name.as_deref())
-                == Some(name);
-            let filling = claim
-                .status
-                .as_ref()
-                .and_then(|s| s.address.as_ref())
-                .is_none()
-                && claim
-                    .annotations()
-                    .get(crate::contract::METAL3_REQUESTED_IP)
-                    .is_some_and(|ip| *ip == address.address.to_string());
-            if points || filling {
+                .and_then(|a| a.name.as_deref());
+            let requested = claim
+                .annotations()
+                .get(crate::contract::METAL3_REQUESTED_IP)
+                .and_then(|ip| ip.parse().ok());
+            if points_at(pointed, requested, address) {
                 return Ok(false);
             }
         }
@@ -241,6 +234,15 @@ impl Lifecycle {
             Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
             Err(e) => Err(e),
         }
+    }
+}
+
+/// Whether a claim (its `status.address.name`, and the IP it was made for) points at this
+/// address, or is being filled in with it (no `status.address` yet).
+fn points_at(pointed: Option<&str>, requested: Option<Ipv4Addr>, address: &AddressInfo) -> bool {
+    match pointed {
+        Some(name) => name == &*address.name,
+        None => requested == Some(address.address),
     }
 }
 
