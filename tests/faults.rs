@@ -291,6 +291,25 @@ fn config(cp: &ControlPlane, tag: &str) -> ChildConfig {
     ChildConfig::new(tag, cp.webhook_kubeconfig(), cp.caller_ca_file(), GRACE)
 }
 
+/// One scenario's namespace `f-<tag>` (pool on `subnet`, template, registration) and the
+/// configuration of its children. The apiserver is seen calling an unarmed child for the
+/// namespace first (the registration is picked up asynchronously); that child is stopped.
+async fn scenario(tag: &str, subnet: &str) -> (Client, ChildConfig, String) {
+    let cp = shared(CrdSet::Current);
+    let client = cp.client().await;
+    let config = config(cp, tag);
+    let ns = namespace(&client, &format!("f-{tag}"), subnet, &config).await;
+    let mut calm = unarmed(
+        &config,
+        &format!("{tag}-registration"),
+        &client,
+        std::slice::from_ref(&ns),
+    )
+    .await;
+    calm.kill();
+    (client, config, ns)
+}
+
 /// One row of the report.
 fn report(scenario: &str, creates: usize, retries: usize, c: &Census) {
     println!(
@@ -707,18 +726,7 @@ async fn expired_watches_resume_without_a_missed_event() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_webhook_slower_than_its_timeout_leaves_nothing_behind() {
     let _alone = ALONE.lock().await;
-    let cp = shared(CrdSet::Current);
-    let client = cp.client().await;
-    let config = config(cp, "slow");
-    let ns = namespace(&client, "f-slow", "10.64.0.0/24", &config).await;
-    let mut calm = unarmed(
-        &config,
-        "slow-registration",
-        &client,
-        std::slice::from_ref(&ns),
-    )
-    .await;
-    calm.kill();
+    let (client, config, ns) = scenario("slow", "10.64.0.0/24").await;
     let started = Instant::now();
     let mut hook = config.spawn(
         "slow",
@@ -759,18 +767,7 @@ async fn address_ips(client: &Client, ns: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_give_back_never_removes_an_address_another_request_took_over() {
     let _alone = ALONE.lock().await;
-    let cp = shared(CrdSet::Current);
-    let client = cp.client().await;
-    let config = config(cp, "takeover");
-    let ns = namespace(&client, "f-takeover", "10.65.0.0/24", &config).await;
-    let mut calm = unarmed(
-        &config,
-        "takeover-registration",
-        &client,
-        std::slice::from_ref(&ns),
-    )
-    .await;
-    calm.kill();
+    let (client, config, ns) = scenario("takeover", "10.65.0.0/24").await;
     let mut hook = config.spawn(
         "takeover",
         &[("CAPE_STATIC_IP_FAULT_DELAY", "after-address:1=6s")],
@@ -823,18 +820,7 @@ async fn a_give_back_never_removes_an_address_another_request_took_over() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sweep_that_already_decided_never_frees_what_a_re_created_machine_carries() {
     let _alone = ALONE.lock().await;
-    let cp = shared(CrdSet::Current);
-    let client = cp.client().await;
-    let config = config(cp, "sweep-race");
-    let ns = namespace(&client, "f-sweep-race", "10.66.0.0/24", &config).await;
-    let mut calm = unarmed(
-        &config,
-        "sweep-race-registration",
-        &client,
-        std::slice::from_ref(&ns),
-    )
-    .await;
-    calm.kill();
+    let (client, config, ns) = scenario("sweep-race", "10.66.0.0/24").await;
     let mut hook = config.spawn(
         "sweep-race",
         &[("CAPE_STATIC_IP_FAULT_DELAY", "sweep-decided:1=12s")],
@@ -895,18 +881,7 @@ async fn a_sweep_that_already_decided_never_frees_what_a_re_created_machine_carr
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_whose_clock_is_an_hour_off_judges_ages_rightly() {
     let _alone = ALONE.lock().await;
-    let cp = shared(CrdSet::Current);
-    let client = cp.client().await;
-    let config = config(cp, "clock");
-    let ns = namespace(&client, "f-clock", "10.67.0.0/24", &config).await;
-    let mut calm = unarmed(
-        &config,
-        "clock-registration",
-        &client,
-        std::slice::from_ref(&ns),
-    )
-    .await;
-    calm.kill();
+    let (client, config, ns) = scenario("clock", "10.67.0.0/24").await;
 
     // An hour ahead: a claim written an instant ago is young.
     let mut ahead = config.spawn(
@@ -965,18 +940,7 @@ async fn a_replica_whose_clock_is_an_hour_off_judges_ages_rightly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_ahead_of_the_claim_cache_leaves_nothing() {
     let _alone = ALONE.lock().await;
-    let cp = shared(CrdSet::Current);
-    let client = cp.client().await;
-    let config = config(cp, "lagging");
-    let ns = namespace(&client, "f-lagging", "10.68.0.0/24", &config).await;
-    let mut calm = unarmed(
-        &config,
-        "lagging-registration",
-        &client,
-        std::slice::from_ref(&ns),
-    )
-    .await;
-    calm.kill();
+    let (client, config, ns) = scenario("lagging", "10.68.0.0/24").await;
     let mut hook = config.spawn(
         "lagging",
         &[("CAPE_STATIC_IP_FAULT_DELAY", "claim-watch=3s")],

@@ -9,7 +9,6 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -35,34 +34,8 @@ pub struct Metal3 {
 /// The controller's binary, built on first use on this machine (blocking; ~1.5 min on an
 /// idle 2-core machine, several minutes when it is busy). Panics with build.sh's output.
 pub fn binary() -> &'static Path {
-    static BINARY: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    let built = BINARY.get_or_init(|| {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("hack/controlplane/build.sh");
-        let out = Command::new("bash")
-            .arg(&script)
-            .arg("--metal3")
-            .stderr(Stdio::inherit())
-            .output()
-            .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
-        if !out.status.success() {
-            return Err(format!(
-                "{} --metal3 failed: {}",
-                script.display(),
-                out.status
-            ));
-        }
-        let path = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .last()
-            .unwrap_or_default()
-            .trim()
-            .to_owned();
-        Ok(PathBuf::from(path))
-    });
-    match built {
-        Ok(p) => p,
-        Err(e) => panic!("{e}"),
-    }
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY.get_or_init(|| super::tools::tool("--metal3"))
 }
 
 fn free_port() -> u16 {
@@ -118,26 +91,7 @@ pub fn start(cp: &ControlPlane) -> Metal3 {
         .spawn()
         .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
 
-    // Watchdog in its own process group (so it outlives a Ctrl-C of the test binary's group
-    // long enough to act): once this test binary is gone, TERM then KILL the controller. Its
-    // command line names DIR, for whoever looks at `ps`.
-    let watchdog = Command::new("bash")
-        .arg("-c")
-        .arg(
-            r#"while kill -0 "$1" 2>/dev/null; do kill -0 "$2" 2>/dev/null || exit 0; sleep 1; done
-               kill -TERM "$2" 2>/dev/null
-               for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 "$2" 2>/dev/null || exit 0; sleep 0.3; done
-               kill -KILL "$2" 2>/dev/null; true"#,
-        )
-        .arg(format!("metal3-watchdog {}", dir.display()))
-        .arg(std::process::id().to_string())
-        .arg(child.id().to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .process_group(0)
-        .spawn()
-        .expect("starting the metal3 watchdog");
+    let watchdog = super::tools::watchdog(&format!("metal3-watchdog {}", dir.display()), &child);
 
     let mut m = Metal3 {
         child,

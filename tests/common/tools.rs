@@ -2,6 +2,7 @@
 //! modules by hack/controlplane/build.sh and cached per machine, and small helpers to run them.
 
 use std::io::Write;
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -27,15 +28,40 @@ pub fn run(cmd: &mut Command) -> (String, String) {
     (stdout, stderr)
 }
 
-/// An optional tool of build.sh (`--promtool`, `--clusterctl`): built on first use (minutes),
-/// then cached. Returns its path.
+/// An optional tool of build.sh (`--promtool`, `--clusterctl`, `--metal3`,
+/// `--controller-manager`): built on first use (minutes), then cached. Returns its path (the
+/// last line build.sh prints).
 pub fn tool(flag: &str) -> PathBuf {
     let (stdout, _) = run(Command::new("bash")
         .arg(root().join("hack/controlplane/build.sh"))
-        .arg(flag));
-    let path = PathBuf::from(stdout.trim());
+        .arg(flag)
+        .stderr(Stdio::inherit()));
+    let path = PathBuf::from(stdout.lines().last().unwrap_or_default().trim());
     assert!(path.is_file(), "build.sh {flag} printed {stdout:?}");
     path
+}
+
+/// A watchdog for `child`, in its own process group (so that it outlives a Ctrl-C of the test
+/// binary's group long enough to act): once this test binary is gone, TERM then KILL the
+/// child. Its command line names `tag`, for whoever looks at `ps`. Kill it with the child.
+pub fn watchdog(tag: &str, child: &std::process::Child) -> std::process::Child {
+    Command::new("bash")
+        .arg("-c")
+        .arg(
+            r#"while kill -0 "$1" 2>/dev/null; do kill -0 "$2" 2>/dev/null || exit 0; sleep 1; done
+               kill -TERM "$2" 2>/dev/null
+               for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 "$2" 2>/dev/null || exit 0; sleep 0.3; done
+               kill -KILL "$2" 2>/dev/null; true"#,
+        )
+        .arg(tag)
+        .arg(std::process::id().to_string())
+        .arg(child.id().to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting the watchdog {tag}: {e}"))
 }
 
 /// The pinned kubectl of the local control plane.
