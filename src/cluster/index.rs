@@ -6,7 +6,7 @@
 //! Each IPAddress is kept as a small [`AddressInfo`] (what allocation and the background
 //! loops read), not as the whole object: 100k cached addresses must fit in a few tens of MB.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -51,6 +51,10 @@ struct Inner {
     carried_by: HashMap<Arc<str>, Vec<Ipv4Addr>>,
     /// The machines seen since the machine watch started a relist.
     machines_relisting: Option<HashSet<Arc<str>>>,
+    /// Per pool, its cooling addresses (released, kept for `--reuse-delay`) by when this
+    /// replica saw them released: kept with the objects, so that counting them (each metrics
+    /// scrape) and finding the oldest (a full pool) reads no other address.
+    cooling: HashMap<Arc<PoolKey>, BTreeSet<(std::time::Instant, ObjectId)>>,
 }
 
 /// One IPv4 IPAddress object, as the index keeps it.
@@ -264,24 +268,18 @@ impl IpamIndex {
 
     /// Cooling addresses (released, kept for `--reuse-delay`) per pool.
     pub fn cooling(&self) -> HashMap<PoolKey, usize> {
-        let mut out: HashMap<PoolKey, usize> = HashMap::new();
-        for a in self.lock().objects.values() {
-            if a.cooling_since.is_some() && !a.deleting {
-                *out.entry((*a.pool).clone()).or_default() += 1;
-            }
-        }
-        out
+        self.lock()
+            .cooling
+            .iter()
+            .map(|(pool, set)| ((**pool).clone(), set.len()))
+            .collect()
     }
 
     /// The cooling address of `pool` released longest ago (by this replica's clock).
     pub fn oldest_cooling(&self, pool: &PoolKey) -> Option<Arc<AddressInfo>> {
-        self.lock()
-            .objects
-            .values()
-            .filter(|a| *a.pool == *pool && !a.deleting)
-            .filter_map(|a| a.cooling_since.map(|since| (since, a)))
-            .min_by_key(|(since, _)| *since)
-            .map(|(_, a)| a.clone())
+        let inner = self.lock();
+        let (_, id) = inner.cooling.get(pool)?.first()?;
+        inner.objects.get(id).cloned()
     }
 
     /// The IPAddress objects whose `spec.claim` names this claim.
@@ -456,14 +454,18 @@ impl Inner {
         {
             // Same holding: only the details change; keep the claim index as it is.
             let claim = old.claim.clone();
-            self.objects
-                .insert(id, Arc::new(AddressInfo { claim, ..info }));
+            let old = old.clone();
+            let info = Arc::new(AddressInfo { claim, ..info });
+            self.track_cooling(&id, Some(&old), Some(&info));
+            self.objects.insert(id, info);
             return;
         }
         self.forget_object(&id);
         let claim: ObjectId = (info.claim_namespace.clone(), info.claim.clone());
         let key = info.pool.clone();
-        self.objects.insert(id.clone(), Arc::new(info));
+        let info = Arc::new(info);
+        self.track_cooling(&id, None, Some(&info));
+        self.objects.insert(id.clone(), info);
         self.by_claim.entry(claim).or_default().push(id);
         let count = self
             .holders
@@ -479,10 +481,40 @@ impl Inner {
         }
     }
 
+    /// Keeps [`Inner::cooling`] in step when the object `id` changes from `old` to `new`.
+    fn track_cooling(
+        &mut self,
+        id: &ObjectId,
+        old: Option<&AddressInfo>,
+        new: Option<&AddressInfo>,
+    ) {
+        let entry = |a: &AddressInfo| {
+            a.cooling_since
+                .filter(|_| !a.deleting)
+                .map(|since| (a.pool.clone(), (since, id.clone())))
+        };
+        let (old, new) = (old.and_then(entry), new.and_then(entry));
+        if old == new {
+            return;
+        }
+        if let Some((pool, key)) = old
+            && let Some(set) = self.cooling.get_mut(&pool)
+        {
+            set.remove(&key);
+            if set.is_empty() {
+                self.cooling.remove(&pool);
+            }
+        }
+        if let Some((pool, key)) = new {
+            self.cooling.entry(pool).or_default().insert(key);
+        }
+    }
+
     fn forget_object(&mut self, id: &ObjectId) {
         let Some(info) = self.objects.remove(id) else {
             return;
         };
+        self.track_cooling(id, Some(&info), None);
         let claim: ObjectId = (info.claim_namespace.clone(), info.claim.clone());
         if let Some(list) = self.by_claim.get_mut(&claim) {
             list.retain(|a| a != id);
@@ -555,4 +587,55 @@ pub fn pool_input(pool: &IPPool) -> PoolInput {
 /// Whether a re-parsed pool differs from the one in use (status-only updates do not).
 fn pool_changed(old: &Pool, new: &Pool) -> bool {
     old != new
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn address(name: &str, ip: &str, cooling: bool, deleting: bool) -> IPAddress {
+        let mut a = serde_json::json!({
+            "apiVersion": "ipam.metal3.io/v1alpha1",
+            "kind": "IPAddress",
+            "metadata": {"name": name, "namespace": "ns", "uid": format!("uid-{name}")},
+            "spec": {"address": ip, "pool": {"name": "pool"}, "claim": {"name": format!("claim-{name}")}}
+        });
+        if cooling {
+            a["metadata"]["annotations"] =
+                serde_json::json!({ANNOTATION_RELEASED_AT: "2026-01-01T00:00:00Z"});
+        }
+        if deleting {
+            a["metadata"]["deletionTimestamp"] = serde_json::json!("2026-01-01T00:00:00Z");
+            a["metadata"]["finalizers"] = serde_json::json!(["x"]);
+        }
+        serde_json::from_value(a).unwrap()
+    }
+
+    #[test]
+    fn cooling_addresses_are_counted_and_the_oldest_found_without_a_scan() {
+        let index = IpamIndex::default();
+        let pool = PoolKey {
+            namespace: "ns".into(),
+            name: "pool".into(),
+        };
+        let count = |index: &IpamIndex| index.cooling().get(&pool).copied().unwrap_or(0);
+        let oldest = |index: &IpamIndex| index.oldest_cooling(&pool).map(|a| a.name.to_string());
+        index.apply_address(&address("a", "10.0.0.1", false, false));
+        index.apply_address(&address("b", "10.0.0.2", false, false));
+        assert_eq!((count(&index), oldest(&index)), (0, None));
+        // Released with --reuse-delay: the same object now cooling.
+        index.apply_address(&address("a", "10.0.0.1", true, false));
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        index.apply_address(&address("b", "10.0.0.2", true, false));
+        assert_eq!((count(&index), oldest(&index)), (2, Some("a".into())));
+        // Seen again: still released at the first sighting.
+        index.apply_address(&address("a", "10.0.0.1", true, false));
+        assert_eq!((count(&index), oldest(&index)), (2, Some("a".into())));
+        // Being deleted: no longer offered for reuse.
+        index.apply_address(&address("a", "10.0.0.1", true, true));
+        assert_eq!((count(&index), oldest(&index)), (1, Some("b".into())));
+        index.delete_address(&address("b", "10.0.0.2", true, false));
+        assert_eq!((count(&index), oldest(&index)), (0, None));
+        assert!(index.cooling().is_empty());
+    }
 }
