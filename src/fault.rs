@@ -12,6 +12,8 @@
 //!   hit (counted from the start of the process);
 //! - `CAPE_STATIC_IP_FAULT_DELAY=NAME=DURATION` (humantime, `NAME:N=DURATION` for the N-th
 //!   hit only; several separated by commas) makes [`delay`] wait that long at the point;
+//! - `CAPE_STATIC_IP_FAULT_FAIL=NAME` (or `NAME:N`) makes [`fails`] true at that hit: the
+//!   write before it went through but its answer counts as lost (`after-claim-delete`);
 //! - `CAPE_STATIC_IP_FAULT_CLOCK_OFFSET=DURATION` (`-DURATION` for behind) shifts the wall
 //!   clock [`now`] returns, as on a replica whose clock is wrong.
 //!
@@ -47,6 +49,19 @@ pub fn point(name: &'static str) {
     let _ = name;
 }
 
+/// True when armed to fail here: the caller then acts as if the answer of the write just made
+/// were lost (see the module comment).
+#[inline]
+pub fn fails(name: &'static str) -> bool {
+    #[cfg(feature = "fault-points")]
+    return armed::fails(name);
+    #[cfg(not(feature = "fault-points"))]
+    {
+        let _ = name;
+        false
+    }
+}
+
 /// Waits here when armed (see the module comment).
 #[inline]
 pub async fn delay(name: &'static str) {
@@ -64,6 +79,7 @@ mod armed {
     pub const POINT_VAR: &str = "CAPE_STATIC_IP_FAULT_POINT";
     pub const DELAY_VAR: &str = "CAPE_STATIC_IP_FAULT_DELAY";
     pub const CLOCK_VAR: &str = "CAPE_STATIC_IP_FAULT_CLOCK_OFFSET";
+    pub const FAIL_VAR: &str = "CAPE_STATIC_IP_FAULT_FAIL";
 
     /// `now` shifted by the offset the environment sets, if any.
     pub fn shifted(now: k8s_openapi::jiff::Timestamp) -> k8s_openapi::jiff::Timestamp {
@@ -104,6 +120,21 @@ mod armed {
             None => spec == name && nth == 1,
             Some((n, count)) => n == name && count.parse() == Ok(nth),
         }
+    }
+
+    pub fn fails(name: &'static str) -> bool {
+        let Ok(spec) = std::env::var(FAIL_VAR) else {
+            return false;
+        };
+        if !spec.starts_with(name) {
+            return false;
+        }
+        let nth = hit(FAIL_VAR, name);
+        let failing = matches(&spec, name, nth);
+        if failing {
+            eprintln!("fault point {name} (hit {nth}): failing");
+        }
+        failing
     }
 
     pub fn point(name: &'static str) {

@@ -963,3 +963,39 @@ async fn a_release_ahead_of_the_claim_cache_leaves_nothing() {
     );
     assert_eq!((c.addresses, c.claims), (0, 0), "{c:?}\n{}", hook.tail());
 }
+
+/// A release whose claim delete went through but whose answer was lost (a timeout, a 5xx)
+/// is retried while the claim cache still shows the claim: the retry finds the claim gone
+/// and must still delete its address (before, it took "gone" for "released by another
+/// replica, addresses included" and left the address).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_retried_after_a_lost_answer_leaves_nothing() {
+    let _alone = ALONE.lock().await;
+    let (client, config, ns) = scenario("lost-answer", "10.69.0.0/24").await;
+    let mut hook = config.spawn(
+        "lost-answer",
+        &[
+            ("CAPE_STATIC_IP_FAULT_FAIL", "after-claim-delete:1"),
+            ("CAPE_STATIC_IP_FAULT_DELAY", "claim-watch=3s"),
+        ],
+    );
+    hook.ready().await;
+    let (m, _) = create_as_capi(&client, &ns, "m", "tpl", 1).await;
+    assert!(carried(&m).iter().all(Option::is_some), "{m}");
+    // Past the claim watch's lag, so that the claim is cached when the release runs.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    delete_as_capi(&client, &ns, "m").await;
+    let api = machines(&client, &ns);
+    eventually(Duration::from_secs(30), "deleted machine gone", || async {
+        api.get_opt("m").await.unwrap().is_none()
+    })
+    .await;
+    let c = census(&client, &ns).await;
+    report("release retried after a lost answer", 1, 1, &c);
+    assert!(
+        hook.logged("fault point after-claim-delete (hit 1): failing"),
+        "precondition: the first release lost its answer:\n{}",
+        hook.tail()
+    );
+    assert_eq!((c.addresses, c.claims), (0, 0), "{c:?}\n{}", hook.tail());
+}

@@ -360,11 +360,19 @@ impl Lifecycle {
             Err(e) => return Err(api(format!("deleting IPClaim {ns}/{name}"))(e)),
         };
         crate::fault::point("after-claim-delete");
-        if claim_state == writer::Deleted::Missing {
-            // Another replica released it, addresses included; what it may have left behind
-            // is found by the machine's release or the sweep.
-            return Ok(());
+        if crate::fault::fails("after-claim-delete") {
+            return Err(LifecycleError::Api {
+                action: format!("deleting IPClaim {ns}/{name}"),
+                source: kube::Error::Api(Box::new(kube::core::Status::failure(
+                    "test fault: the answer was lost",
+                    "InternalError",
+                ))),
+            });
         }
+        // Missing: another replica, or an earlier attempt of this release whose answer was
+        // lost (a timeout, a 5xx), deleted the claim; the addresses read above may still be
+        // there, and are deleted all the same: at the uid read, so an object of the same
+        // name made since for someone else is left alone.
         for (address, uid, _) in &held {
             let state = match self.let_go(ns, address, uid.as_deref()).await {
                 Ok(state) => state,
@@ -385,6 +393,9 @@ impl Lifecycle {
             .map_err(api(format!(
                 "removing metal3's finalizer from IPAddress {ns}/{address}"
             )))?;
+        }
+        if claim_state == writer::Deleted::Missing {
+            return Ok(());
         }
         if claim_state == writer::Deleted::Finalizing {
             writer::drop_finalizers(
