@@ -1438,3 +1438,55 @@ async fn a_namespace_with_claims_held_by_metal3s_finalizer_finishes_deleting() {
     drop(kcm);
     e.stop().await;
 }
+
+/// An IPAddress deleted by hand while a finalizer holds it (metal3's, or anyone's) is on its
+/// way out: a device whose address was wiped must not be given it back through its claim
+/// (once the finalizer goes, the NIC would carry an address nothing holds). It gets another
+/// address, and the claim of the dying one is released once nothing carries it.
+#[tokio::test]
+async fn an_address_being_deleted_is_never_handed_out_again() {
+    let _shared = CONTROLLERS.read().await;
+    let e = env("nt-dying", 52).await;
+    let m = e.machine("dy", json!([{"networkType": "IPV4"}])).await;
+    let a = ips(&m)[0].clone();
+    let address = e.address_of(&a).await.expect("an IPAddress");
+    let name = address["metadata"]["name"].as_str().unwrap().to_string();
+    let api = dynamic(
+        &e.client,
+        &e.ns,
+        "ipam.metal3.io",
+        "v1alpha1",
+        "IPAddress",
+        "ipaddresses",
+    );
+    api.patch(
+        &name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"finalizers": ["never-twice.test/hold"]}})),
+    )
+    .await
+    .unwrap();
+    api.delete(&name, &DeleteParams::default()).await.unwrap();
+    // The template is re-applied: the NIC's address is wiped.
+    let m = e
+        .patch(
+            "dy",
+            json!([{"op": "remove", "path": "/spec/network/devices/0/ipAddrs"}]),
+        )
+        .await;
+    let now = ips(&m)[0].clone();
+    assert!(!now.is_empty(), "the wiped NIC got no address: {m:#}");
+    assert_ne!(now, a, "the NIC was given back an address being deleted");
+    e.assert_held(&now, "the new address").await;
+    api.patch(
+        &name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+    )
+    .await
+    .unwrap();
+    e.assert_never_twice("after the old address went").await;
+    e.assert_all_held("after the old address went").await;
+    e.wait_nothing_leaked().await;
+    e.stop().await;
+}

@@ -235,6 +235,14 @@ impl Assigner {
                     source,
                 )
             })?;
+        // An address being deleted (by hand, held by a finalizer) is on its way out: handing
+        // it out would leave a NIC with an address nothing holds once it goes.
+        if address
+            .as_ref()
+            .is_some_and(|a| a.metadata.deletion_timestamp.is_some())
+        {
+            return Ok(Existing::Unusable);
+        }
         let Some(lease) = address
             .as_ref()
             .and_then(|a| lease_of_address(a, device, pool, claim))
