@@ -999,3 +999,89 @@ async fn a_release_retried_after_a_lost_answer_leaves_nothing() {
     );
     assert_eq!((c.addresses, c.claims), (0, 0), "{c:?}\n{}", hook.tail());
 }
+
+/// A request taking over an address whose claim is gone writes to it, then creates the
+/// claim; the sweep, which releases addresses no claim points at, must not delete it in
+/// between (before, it judged the address by when it first saw it, and deleted it at the
+/// version it read live: the machine then carried an address nothing held). Here the
+/// take-over is the background loop filling a machine whose `ipAddrs` were wiped while
+/// the webhook was not registered, and it pauses 10 s between its two writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sweep_never_frees_an_address_a_request_is_taking_over() {
+    let _alone = ALONE.lock().await;
+    let (client, config, ns) = scenario("takeover-sweep", "10.70.0.0/24").await;
+    let mut hook = config.spawn(
+        "takeover-sweep",
+        &[(
+            "CAPE_STATIC_IP_FAULT_DELAY",
+            "after-address-take-over:1=10s",
+        )],
+    );
+    hook.ready().await;
+    let (m, _) = create_as_capi(&client, &ns, "m", "tpl", 1).await;
+    let ip = carried(&m)[0].clone().expect("an address");
+    // The claim is deleted by hand; the address stays (the machine carries it).
+    let claims = common::webhook::dynamic(
+        &client,
+        &ns,
+        "ipam.metal3.io",
+        "v1alpha1",
+        "IPClaim",
+        "ipclaims",
+    );
+    for c in objects(&client, &ns, "IPClaim", "ipclaims").await {
+        let name = c["metadata"]["name"].as_str().unwrap().to_string();
+        claims
+            .delete(&name, &DeleteParams::default())
+            .await
+            .unwrap();
+    }
+    // Past the grace on the webhook's clock: the address is old.
+    tokio::time::sleep(GRACE + Duration::from_secs(4)).await;
+    assert_eq!(address_ips(&client, &ns).await, std::slice::from_ref(&ip));
+    // Wiped while the webhook is not registered: stored as is.
+    let hooks: kube::Api<
+        k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration,
+    > = kube::Api::all(client.clone());
+    hooks
+        .delete(
+            &format!("cape-static-ip-test-{ns}"),
+            &DeleteParams::default(),
+        )
+        .await
+        .unwrap();
+    let api = machines(&client, &ns);
+    // Until the apiserver has dropped the registration, the webhook puts an address back.
+    eventually(Duration::from_secs(20), "the wipe is stored", || async {
+        let wipe = json!([{"op": "remove", "path": "/spec/network/devices/0/ipAddrs"}]);
+        let _ = api
+            .patch(
+                "m",
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::<()>::Json(serde_json::from_value(wipe).unwrap()),
+            )
+            .await;
+        let m = serde_json::to_value(api.get("m").await.unwrap()).unwrap();
+        carried(&m)[0].is_none()
+    })
+    .await;
+    eventually(
+        Duration::from_secs(40),
+        "the background loop gives the machine an address again",
+        || async {
+            let m = serde_json::to_value(api.get("m").await.unwrap()).unwrap();
+            carried(&m)[0].is_some()
+        },
+    )
+    .await;
+    assert!(
+        hook.logged("fault point after-address-take-over (hit 1)"),
+        "precondition: the address was taken over:\n{}",
+        hook.tail()
+    );
+    // A few sweeps later.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let c = census(&client, &ns).await;
+    report("sweep during a take-over", 1, 0, &c);
+    assert!(c.sound(), "{c:?}\n{}", hook.tail());
+}

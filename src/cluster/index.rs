@@ -15,7 +15,7 @@ use kube::ResourceExt;
 
 use super::crd::{IPAddress, IPPool};
 use super::intern::Interner;
-use crate::contract::{ANNOTATION_RELEASED_AT, LABEL_MANAGED_BY, MANAGER};
+use crate::contract::{ANNOTATION_LEASED_AT, ANNOTATION_RELEASED_AT, LABEL_MANAGED_BY, MANAGER};
 use crate::ipam::allocate::PoolState;
 use crate::ipam::pool::{Pool, PoolInput, RangeInput, parse_pool};
 use crate::ipam::select::{PoolKey, PoolMeta};
@@ -72,8 +72,14 @@ pub struct AddressInfo {
     pub ours: bool,
     /// Has a deletion timestamp.
     pub deleting: bool,
-    /// When this replica first saw the object (its monotonic clock; see the claim cache).
+    /// When this replica first saw the object, or saw it taken over by a request (a new
+    /// `leased-at`): its monotonic clock, see the claim cache.
     pub since: std::time::Instant,
+    /// The `resourceVersion` seen (etcd's revision; `None` if it is not a number): a live
+    /// read of another version, or a delete at this one, tells a change since.
+    pub version: Option<u64>,
+    /// A digest of the `leased-at` annotation (0 without it).
+    pub leased: u64,
     /// Released and kept while `--reuse-delay` runs (annotation `released-at`): when this
     /// replica first saw it so.
     pub cooling_since: Option<std::time::Instant>,
@@ -420,6 +426,10 @@ impl Inner {
         };
         let claim_ns = self.intern(&address.claim_namespace());
         let claim_name = address.spec.claim.name.clone().unwrap_or_default();
+        let leased = address
+            .annotations()
+            .get(ANNOTATION_LEASED_AT)
+            .map_or(0, |v| version_digest(Some(v)));
         let info = AddressInfo {
             namespace: id.0.clone(),
             name: id.1.clone(),
@@ -434,8 +444,12 @@ impl Inner {
             since: self
                 .objects
                 .get(&id)
-                .filter(|old| old.uid.as_deref() == address.uid().as_deref())
+                .filter(|old| {
+                    old.uid.as_deref() == address.uid().as_deref() && old.leased == leased
+                })
                 .map_or_else(std::time::Instant::now, |old| old.since),
+            version: address.resource_version().and_then(|v| v.parse().ok()),
+            leased,
             cooling_since: address
                 .annotations()
                 .contains_key(ANNOTATION_RELEASED_AT)
@@ -536,6 +550,14 @@ impl Inner {
             }
         }
     }
+}
+
+/// A digest of a short text (an annotation's value), for equality only.
+fn version_digest(version: Option<&str>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    version.hash(&mut h);
+    h.finish()
 }
 
 /// `namespace/name` of a pool.

@@ -201,7 +201,11 @@ impl Lifecycle {
         let Some(live) = writer::get_address(client, ns, name).await? else {
             return Ok(false);
         };
-        if live.uid().as_deref() != address.uid.as_deref() {
+        // Changed since the cache judged it (a request taking it over has just written to
+        // it, its claim not created yet): judged again later.
+        if live.uid().as_deref() != address.uid.as_deref()
+            || live.resource_version().and_then(|v| v.parse().ok()) != address.version
+        {
             return Ok(false);
         }
         let claim_name = live.spec.claim.name.clone().unwrap_or_default();
