@@ -62,13 +62,17 @@ pub fn fails(name: &'static str) -> bool {
     }
 }
 
-/// Waits here when armed (see the module comment).
+/// Waits here when armed (see the module comment). Without the feature the future is ready
+/// at once and the name is not kept.
 #[inline]
-pub async fn delay(name: &'static str) {
+pub fn delay(name: &'static str) -> impl std::future::Future<Output = ()> {
     #[cfg(feature = "fault-points")]
-    armed::delay(name).await;
+    return armed::delay(name);
     #[cfg(not(feature = "fault-points"))]
-    let _ = name;
+    {
+        let _ = name;
+        std::future::ready(())
+    }
 }
 
 #[cfg(feature = "fault-points")]

@@ -321,6 +321,7 @@ fn watch_machines(
 
 /// The test-only delay point that makes this watch lag behind the others (each change
 /// waits there before it is applied): `claim-watch`, `address-watch`, `pool-watch`.
+#[cfg(feature = "fault-points")]
 fn lag_point<K: Resource<DynamicType = ()>>() -> &'static str {
     match K::kind(&()).as_ref() {
         "IPClaim" => "claim-watch",
@@ -342,6 +343,7 @@ async fn drive<K: Resource<DynamicType = ()>>(
     let mut counted = false;
     let mut stream = std::pin::pin!(stream);
     while let Some(item) = stream.next().await {
+        #[cfg(feature = "fault-points")]
         if matches!(
             item,
             Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_))
