@@ -41,10 +41,8 @@ fn devices(n: usize) -> Value {
     Value::Array((0..n).map(|_| json!({"networkType": "IPV4"})).collect())
 }
 
-/// A namespace with an IPPool `pool` on `subnet` and a template `tpl` selecting it, and the
-/// webhook (the child listening at `hook`) registered for it.
-async fn namespace(client: &Client, prefix: &str, subnet: &str, hook: &ChildConfig) -> String {
-    let ns = temp_namespace(client, prefix).await;
+/// IPPool `name` (prefix `name`) on `subnet` and template `tpl` selecting it, in `ns`.
+async fn pool_and_template(client: &Client, ns: &str, name: &str, subnet: &str, tpl: &str) {
     let prefix: u8 = subnet
         .rsplit('/')
         .next()
@@ -52,10 +50,10 @@ async fn namespace(client: &Client, prefix: &str, subnet: &str, hook: &ChildConf
         .unwrap();
     create(
         client,
-        &ns,
+        ns,
         pool(
-            "pool",
-            json!({"namePrefix": "pool", "pools": [{"subnet": subnet}], "prefix": prefix}),
+            name,
+            json!({"namePrefix": name, "pools": [{"subnet": subnet}], "prefix": prefix}),
             json!({}),
         ),
     )
@@ -63,11 +61,18 @@ async fn namespace(client: &Client, prefix: &str, subnet: &str, hook: &ChildConf
     .unwrap();
     create(
         client,
-        &ns,
-        template("tpl", json!({"cluster.x-k8s.io/ip-pool-name": "pool"})),
+        ns,
+        template(tpl, json!({"cluster.x-k8s.io/ip-pool-name": name})),
     )
     .await
     .unwrap();
+}
+
+/// A namespace with an IPPool `pool` on `subnet` and a template `tpl` selecting it, and the
+/// webhook (the child listening at `hook`) registered for it.
+async fn namespace(client: &Client, prefix: &str, subnet: &str, hook: &ChildConfig) -> String {
+    let ns = temp_namespace(client, prefix).await;
+    pool_and_template(client, &ns, "pool", subnet, "tpl").await;
     register(
         client,
         &format!("cape-static-ip-test-{ns}"),
@@ -540,24 +545,7 @@ async fn etcd_restarted_while_idle_and_the_webhook_keeps_working() {
     .unwrap();
     let (_, mut retries) = create_as_capi(&client, &ns, "after", "tpl", 2).await;
     // A pool made after the restart is seen (the pool watch resumed).
-    create(
-        &client,
-        &ns,
-        pool(
-            "pool2",
-            json!({"namePrefix": "pool2", "pools": [{"subnet": "10.62.1.0/24"}], "prefix": 24}),
-            json!({}),
-        ),
-    )
-    .await
-    .unwrap();
-    create(
-        &client,
-        &ns,
-        template("tpl2", json!({"cluster.x-k8s.io/ip-pool-name": "pool2"})),
-    )
-    .await
-    .unwrap();
+    pool_and_template(&client, &ns, "pool2", "10.62.1.0/24", "tpl2").await;
     let (m, failed) = create_as_capi(&client, &ns, "new-pool", "tpl2", 1).await;
     retries += failed;
     let ip = carried(&m)[0].clone().unwrap_or_default();
@@ -641,24 +629,7 @@ async fn expired_watches_resume_without_a_missed_event() {
     .await
     .unwrap();
     // Changes the frozen webhook cannot see as they happen.
-    create(
-        &client,
-        &ns,
-        pool(
-            "pool2",
-            json!({"namePrefix": "pool2", "pools": [{"subnet": "10.63.1.0/24"}], "prefix": 24}),
-            json!({}),
-        ),
-    )
-    .await
-    .unwrap();
-    create(
-        &client,
-        &ns,
-        template("tpl2", json!({"cluster.x-k8s.io/ip-pool-name": "pool2"})),
-    )
-    .await
-    .unwrap();
+    pool_and_template(&client, &ns, "pool2", "10.63.1.0/24", "tpl2").await;
     machines(&client, &ns)
         .delete("gone", &DeleteParams::default())
         .await
