@@ -24,6 +24,7 @@
 //! Delay points: `before-answer`, `after-address` (an address created, its claim not yet),
 //! `after-address-take-over` (an address without its claim taken over, its claim not yet
 //! created), `sweep-decided` (a sweep read the claim and machine live, before its delete),
+//! `release-read` (a release read its machine live, before it deletes anything),
 //! `claim-watch`, `address-watch`, `pool-watch` (each change of that watch waits before it
 //! is applied: that cache lags behind the others).
 

@@ -1056,3 +1056,112 @@ async fn a_sweep_never_frees_an_address_a_request_is_taking_over() {
     report("sweep during a take-over", 1, 0, &c);
     assert!(c.sound(), "{c:?}\n{}", hook.tail());
 }
+
+/// A replica that read a machine being deleted and then paused (here 4 s after its live
+/// read) goes on after another replica released the machine and the name was created again:
+/// the new machine's claim and address have the same names, made in the same second as the
+/// old machine's deletion (timestamps are second-granular). The paused release must leave
+/// them, and the new machine's finalizer, alone (before: it took the new claim for the old
+/// machine's and deleted it with its address; the new machine carried an address nothing
+/// held).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_that_paused_never_touches_a_re_created_machine_of_the_name() {
+    let _alone = ALONE.lock().await;
+    let (client, config, ns) = scenario("paused-release", "10.70.0.0/24").await;
+    let mut serving = unarmed(&config, "paused-release-serving", &client, &[]).await;
+    // Another replica, not registered: its background loops only, each release pausing.
+    let cp = shared(CrdSet::Current);
+    let slow_config = ChildConfig::new(
+        "paused-release-slow",
+        cp.webhook_kubeconfig(),
+        cp.caller_ca_file(),
+        GRACE,
+    );
+    let mut slow = slow_config.spawn(
+        "paused-release-slow",
+        &[("CAPE_STATIC_IP_FAULT_DELAY", "release-read=4s")],
+    );
+    slow.ready().await;
+    let api = machines(&client, &ns);
+    let mut raced = 0;
+    for round in 0..3 {
+        create_as_capi(&client, &ns, "same", "tpl", 1).await;
+        // Both replicas have the machine and are done with it (a replica is busy with a
+        // machine just created for up to two seconds, and a delete waits for that); the
+        // delete lands early in a second.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let subsec = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_millis();
+        tokio::time::sleep(Duration::from_millis(u64::from(1020 - subsec))).await;
+        let paused_before = slow.tail().matches("fault point release-read").count();
+        let old = api
+            .delete("same", &DeleteParams::default())
+            .await
+            .unwrap()
+            .left()
+            .expect("the machine waits for our finalizer");
+        let deleted_at = old.metadata.deletion_timestamp.clone().unwrap().0;
+        let gone = Instant::now();
+        while api.get_opt("same").await.unwrap().is_some() {
+            assert!(
+                gone.elapsed() < Duration::from_secs(10),
+                "round {round}: never released"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let (m, _) = create_as_capi(&client, &ns, "same", "tpl", 1).await;
+        let claims = objects(&client, &ns, "IPClaim", "ipclaims").await;
+        let claim_made: Option<String> = claims
+            .first()
+            .and_then(|c| c["metadata"]["creationTimestamp"].as_str().map(Into::into));
+        let same_second = claim_made
+            .as_deref()
+            .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
+            .is_some_and(|t| t <= deleted_at);
+        // The slow replica read the old machine live before it was gone, and is paused.
+        let paused = slow.tail().matches("fault point release-read").count() > paused_before;
+        println!(
+            "round {round}: old machine deleted {deleted_at}, new claim made {claim_made:?}, slow replica paused on the old machine: {paused}"
+        );
+        if same_second && paused {
+            raced += 1;
+        }
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let c = census(&client, &ns).await;
+        report("paused release, same name re-created", round + 1, 0, &c);
+        assert!(
+            c.sound() && (c.live, c.addresses, c.claims) == (1, 1, 1),
+            "round {round} (claim made {claim_made:?}, old machine deleted {deleted_at}, paused {paused}): {c:?}\n{}",
+            slow.tail()
+        );
+        let now = api.get("same").await.unwrap();
+        assert_eq!(
+            now.metadata.uid,
+            m["metadata"]["uid"].as_str().map(Into::into)
+        );
+        assert!(
+            now.metadata
+                .finalizers
+                .iter()
+                .flatten()
+                .any(|f| f.contains("staticip")),
+            "round {round}: the new machine lost our finalizer: {:?}",
+            now.metadata.finalizers
+        );
+        delete_as_capi(&client, &ns, "same").await;
+        eventually(Duration::from_secs(20), "machine gone", || async {
+            api.get_opt("same").await.unwrap().is_none()
+        })
+        .await;
+        // The slow replica's own pause on this release passes.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    assert!(
+        raced >= 1,
+        "precondition: in no round did the slow replica pause on the old machine while the new one's claim was made in the second of the deletion"
+    );
+    slow.kill();
+    serving.kill();
+}

@@ -195,21 +195,27 @@ where
 }
 
 /// Keeps a released address as a lock while `--reuse-delay` runs: annotated with when it was
-/// released (guarded by its uid). Its claim is gone; the background loop deletes it once the
+/// released (guarded as `only` says). Its claim is gone; the background loop deletes it once the
 /// delay has passed, and a pool with no other free address takes it back at once.
 pub async fn cool_address(
     client: &Client,
     namespace: &str,
     name: &str,
-    uid: Option<&str>,
+    only: Only<'_>,
 ) -> Result<Deleted, kube::Error> {
     let api: Api<IPAddress> = Api::namespaced(client.clone(), namespace);
-    let patch = json!({"metadata": {
-        "uid": uid,
+    let mut patch = json!({"metadata": {
         "annotations": {
             crate::contract::ANNOTATION_RELEASED_AT: crate::fault::now().to_string(),
         },
     }});
+    // Preconditions: a merge patch naming another uid or resourceVersion is refused.
+    if let Some(uid) = only.uid {
+        patch["metadata"]["uid"] = json!(uid);
+    }
+    if let Some(version) = only.resource_version {
+        patch["metadata"]["resourceVersion"] = json!(version);
+    }
     match api
         .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
         .await

@@ -1,16 +1,22 @@
 //! Release: a machine being deleted whose VM is gone gives back its claims and addresses,
 //! then loses our finalizer.
 //!
-//! Cheap on the apiserver: one read of the machine (its uid, finalizers and the addresses its
-//! devices carry, live), then the claims and addresses the caches know for it are deleted
-//! with uid preconditions (no read each), then our finalizer goes.
+//! Cheap on the apiserver: the claims and addresses the caches know for the machine are
+//! gathered, then one read of the machine (its uid, finalizers and the addresses its devices
+//! carry, live) confirms it is still there being deleted, then they are deleted with uid
+//! preconditions (no read each), then our finalizer goes (at the machine's uid).
+//!
+//! Gathering before the read is what keeps a newer machine of the same name safe: while
+//! the machine read exists, no newer one of its name can, so nothing gathered before is a
+//! newer machine's, even when this replica pauses and goes on after another replica has
+//! released the machine and the name was created again.
 //!
 //! The caches are other watches than the machine's and may lag behind it: a machine deleted
 //! an instant after its create may be seen before its claims are. So the caches are trusted
 //! only when they account for every address the machine carries (a cached claim of this
-//! machine made for it); otherwise the machine's claims are listed live (one read, only
-//! then). An object neither shows (a carried address whose claim is gone) is left to the
-//! sweep, which releases it once no live machine carries its address.
+//! machine made for it); otherwise the machine's claims are listed live and the machine is
+//! read again after. An object neither shows (a carried address whose claim is gone) is
+//! left to the sweep, which releases it once no live machine carries its address.
 
 use std::net::Ipv4Addr;
 use std::sync::Arc;
@@ -26,6 +32,7 @@ use crate::assign::owner_labels;
 use crate::cluster::cache::carried_addresses;
 use crate::cluster::claims::ClaimInfo;
 use crate::cluster::crd::{ElfMachine, IPAddress, IPClaim};
+use crate::cluster::index::AddressInfo;
 use crate::cluster::writer;
 use crate::contract::*;
 use crate::events::{self, Note};
@@ -81,36 +88,114 @@ impl ClaimToRelease {
     }
 }
 
+/// An address a claim holds, as read before the claim is deleted: deleted after it by uid.
+#[derive(Debug, Clone)]
+pub(super) struct Held {
+    name: String,
+    uid: Option<String>,
+    /// The resourceVersion read, if known.
+    version: Option<String>,
+    ip: Ipv4Addr,
+}
+
+/// What one release deletes. Every object in it was read (from the caches or live) before
+/// the live read of the machine that found it still there being deleted: while that machine
+/// exists no newer machine of its name can exist, so nothing here is a newer machine's.
+struct Plan {
+    claims: Vec<(ClaimToRelease, Vec<Held>)>,
+    /// Addresses of this machine's claim names whose claim is already gone.
+    orphans: Vec<Arc<AddressInfo>>,
+    /// Devices the plan looked up claims and addresses for.
+    devices: usize,
+    /// The claims were listed live (not only the caches).
+    listed: bool,
+    /// The addresses the claims are known to hold or were made for.
+    covers: Vec<Ipv4Addr>,
+}
+
+impl Plan {
+    /// Whether the plan is complete for the machine as read live: claims for every address
+    /// it carries (or listed live), and every device looked up.
+    fn fits(&self, machine: &ElfMachine) -> bool {
+        machine.spec.network.devices.len() <= self.devices
+            && (self.listed
+                || carried_addresses(machine)
+                    .iter()
+                    .all(|ip| self.covers.contains(ip)))
+    }
+}
+
 impl Lifecycle {
     /// Deletes a machine's claims and addresses, then removes our finalizer.
+    ///
+    /// The order is what keeps a newer machine of the same name safe: a replica may read
+    /// the machine, pause, and go on after another replica released it and the name was
+    /// created again (the new machine's claim and address have the same names, made in the
+    /// same second). So what to delete is gathered first, then the machine is read live, and
+    /// only if that machine is still there being deleted is the plan carried out, every
+    /// object at its uid.
     pub(super) async fn release_machine(&self, cached: &ElfMachine) -> Result<(), LifecycleError> {
         let ns = cached.namespace().unwrap_or_default();
         let name = cached.name_any();
         let key = machine_key(&ns, &name);
-        // Decide on the live object: the cache may still show a machine that another
-        // replica released, while a new machine of the same name already holds claims.
-        let live = Api::<ElfMachine>::namespaced(self.assigner.client.clone(), &ns)
-            .get_opt(&name)
-            .await
-            .map_err(api(format!("reading ElfMachine {ns}/{name}")))?;
-        let Some(machine) = live else { return Ok(()) };
-        let finalizers = machine.finalizers();
-        let Some(deleted_at) = machine.metadata.deletion_timestamp.clone() else {
+        let (Some(uid), Some(deleted_at)) =
+            (cached.uid(), cached.metadata.deletion_timestamp.clone())
+        else {
             return Ok(());
         };
-        if machine.uid() != cached.uid()
-            || !finalizers.iter().any(|f| f == STATIC_IP_FINALIZER)
-            || finalizers.iter().any(|f| f == CAPE_FINALIZER)
-        {
-            return Ok(());
+        let mut known = cached.clone();
+        let mut list_live = false;
+        for _ in 0..3 {
+            let plan = self
+                .plan_release(&known, &uid, &deleted_at.0, list_live)
+                .await?;
+            // Decide on the live object: the cache may still show a machine that another
+            // replica released, while a new machine of the same name already holds claims.
+            let live = Api::<ElfMachine>::namespaced(self.assigner.client.clone(), &ns)
+                .get_opt(&name)
+                .await
+                .map_err(api(format!("reading ElfMachine {ns}/{name}")))?;
+            let Some(machine) = live.filter(|m| releasable(m, &uid)) else {
+                return Ok(());
+            };
+            crate::fault::delay("release-read").await;
+            if !plan.fits(&machine) {
+                // Edited since the cache saw it, or the caches are behind: gathered again
+                // for the machine as read, its claims listed live.
+                known = machine;
+                list_live = true;
+                continue;
+            }
+            return self.carry_out(plan, &machine).await;
         }
-        let uid = machine.uid().unwrap_or_default();
+        Err(LifecycleError::Api {
+            action: format!("releasing ElfMachine {key}"),
+            source: kube::Error::Api(Box::new(kube::core::Status::failure(
+                "the machine kept changing while its release was gathered",
+                "Conflict",
+            ))),
+        })
+    }
+
+    /// Gathers what to delete for `machine` (as last read): the claims the caches know for
+    /// it when they account for every address it carries, else its claims listed live; the
+    /// addresses each claim holds; the addresses of its claim names whose claim is gone.
+    async fn plan_release(
+        &self,
+        machine: &ElfMachine,
+        uid: &str,
+        deleted_at: &k8s_openapi::jiff::Timestamp,
+        list_live: bool,
+    ) -> Result<Plan, LifecycleError> {
+        let ns = machine.namespace().unwrap_or_default();
+        let name = machine.name_any();
+        let key = machine_key(&ns, &name);
         // A claim of this machine is bound to its uid, or was made before the machine was
-        // deleted: while the machine exists no newer machine of the name can exist, and the
-        // claims of a create of that name refused meanwhile (the name was taken) are younger.
+        // deleted: the claims of a create of that name refused meanwhile (the name was
+        // taken) are younger.
         let owned = |c: &ClaimInfo| match c.machine_uid.as_deref() {
             Some(bound) => bound == uid,
-            None => c.created.is_none_or(|t| t <= deleted_at.0),
+            None => c.created.is_none_or(|t| t <= *deleted_at),
         };
         let devices = machine.spec.network.devices.len();
         let cached: Vec<Arc<ClaimInfo>> = self
@@ -118,40 +203,65 @@ impl Lifecycle {
             .into_iter()
             .filter(|c| !c.deleting && owned(c))
             .collect();
-        let claims: Vec<ClaimToRelease> = if self.accounts_for(&machine, &cached) {
-            cached.iter().map(|c| ClaimToRelease::of_cache(c)).collect()
-        } else {
-            tracing::info!(machine = %key, "caches behind the machine: listing its claims live");
-            self.live_claims_of(&ns, &name, &uid, &deleted_at.0, &cached)
-                .await?
-        };
-        for c in &claims {
-            self.release_claim(c, Some(&key)).await?;
-        }
-        let handled: Vec<(&str, &str)> = claims
+        let covers: Vec<Ipv4Addr> = cached
             .iter()
-            .map(|c| (c.namespace.as_str(), c.name.as_str()))
+            .filter_map(|c| self.claim_address(c))
             .collect();
-        self.release_orphan_addresses(&ns, &name, devices, &deleted_at.0, &handled)
-            .await?;
-        crate::fault::point("before-finalizer-removal");
-        remove_finalizer(&self.assigner.client, &machine).await?;
-        tracing::info!(machine = %key, claims = claims.len(), "released");
-        Ok(())
+        let accounted = carried_addresses(machine)
+            .iter()
+            .all(|ip| covers.contains(ip));
+        let listed = list_live || !accounted;
+        let claims: Vec<ClaimToRelease> = if listed {
+            tracing::info!(machine = %key, "caches behind the machine: listing its claims live");
+            self.live_claims_of(&ns, &name, uid, deleted_at, &cached)
+                .await?
+        } else {
+            cached.iter().map(|c| ClaimToRelease::of_cache(c)).collect()
+        };
+        let mut with_held = Vec::with_capacity(claims.len());
+        for c in claims {
+            let held = self.addresses_held(&c).await?;
+            with_held.push((c, held));
+        }
+        let handled: Vec<(&str, &str)> = with_held
+            .iter()
+            .map(|(c, _)| (c.namespace.as_str(), c.name.as_str()))
+            .collect();
+        let orphans = self.orphan_addresses(&ns, &name, devices, deleted_at, &handled);
+        Ok(Plan {
+            claims: with_held,
+            orphans,
+            devices,
+            listed,
+            covers,
+        })
     }
 
-    /// Whether the cached claims account for every address the machine carries: for each,
-    /// a claim of this machine made for it (by `status.address`, or the requested IP).
-    fn accounts_for(&self, machine: &ElfMachine, cached: &[Arc<ClaimInfo>]) -> bool {
-        carried_addresses(machine)
-            .into_iter()
-            .all(|ip| cached.iter().any(|c| self.claim_address(c) == Some(ip)))
+    /// Deletes what the plan holds, then removes our finalizer from `machine` (at its uid).
+    async fn carry_out(&self, plan: Plan, machine: &ElfMachine) -> Result<(), LifecycleError> {
+        let key = machine_key(
+            &machine.namespace().unwrap_or_default(),
+            &machine.name_any(),
+        );
+        let handled: Vec<(String, String)> = plan
+            .claims
+            .iter()
+            .map(|(c, _)| (c.namespace.clone(), c.name.clone()))
+            .collect();
+        for (c, held) in &plan.claims {
+            self.release_claim_holding(c, held, Some(&key)).await?;
+        }
+        self.release_orphans(&plan.orphans, &key, &handled).await?;
+        crate::fault::point("before-finalizer-removal");
+        remove_finalizer(&self.assigner.client, machine).await?;
+        tracing::info!(machine = %key, claims = plan.claims.len(), "released");
+        Ok(())
     }
 
     /// The machine's claims read live (ours by their labels and machine annotation, in
     /// every namespace with a pool), with the cached claims of the Go controller (by name)
     /// that the list cannot select. Only claims of this machine are returned: bound to its
-    /// uid, or made before it was deleted (see [`Lifecycle::release_machine`]).
+    /// uid, or made before it was deleted (see [`Lifecycle::plan_release`]).
     async fn live_claims_of(
         &self,
         ns: &str,
@@ -194,56 +304,76 @@ impl Lifecycle {
         Ok(out)
     }
 
-    /// Addresses of this machine whose claim is already gone (an earlier pass, or another
-    /// replica, deleted the claim and then failed): found by the claim name they record.
-    async fn release_orphan_addresses(
+    /// Addresses of this machine's claim names whose claim is already gone (an earlier
+    /// pass, or another replica, deleted the claim and then failed), by the claim name they
+    /// record; those of claims in `handled` go with their claim.
+    fn orphan_addresses(
         &self,
         ns: &str,
         name: &str,
         devices: usize,
         deleted_at: &k8s_openapi::jiff::Timestamp,
         handled: &[(&str, &str)],
-    ) -> Result<(), LifecycleError> {
-        let key = machine_key(ns, name);
+    ) -> Vec<Arc<AddressInfo>> {
+        let index = &self.assigner.caches.index;
+        let mut out = Vec::new();
         for i in 0..devices {
             let claim = claim_name(ns, name, i);
             for pool_ns in self.claim_namespaces(ns) {
-                // A claim released in this pass took its addresses with it; one the caches
-                // still show is released with them, by its machine or by the sweep.
                 if handled.contains(&(pool_ns.as_str(), claim.as_str()))
                     || self.assigner.caches.claims.get(&pool_ns, &claim).is_some()
                 {
                     continue;
                 }
-                for a in self
+                out.extend(
+                    index
+                        .addresses_of_claim(&pool_ns, &claim)
+                        .into_iter()
+                        .filter(|a| {
+                            !a.deleting
+                                && a.cooling_since.is_none()
+                                && a.created.is_none_or(|t| t <= *deleted_at)
+                        }),
+                );
+            }
+        }
+        out
+    }
+
+    /// Lets the orphan addresses go, at their uid; those a live machine other than
+    /// `releasing` carries are kept, and so are those whose claim the caches now show (it
+    /// is released with its addresses, by its machine or by the sweep).
+    async fn release_orphans(
+        &self,
+        orphans: &[Arc<AddressInfo>],
+        releasing: &str,
+        handled: &[(String, String)],
+    ) -> Result<(), LifecycleError> {
+        let index = &self.assigner.caches.index;
+        for a in orphans {
+            let claimed = handled
+                .iter()
+                .any(|(n, c)| **n == *a.claim_namespace && **c == *a.claim)
+                || self
                     .assigner
                     .caches
-                    .index
-                    .addresses_of_claim(&pool_ns, &claim)
-                {
-                    if a.deleting
-                        || a.created.is_some_and(|t| t > *deleted_at)
-                        || self
-                            .assigner
-                            .caches
-                            .index
-                            .carried_by_other_than(a.address, Some(&key))
-                    {
-                        continue;
-                    }
-                    if a.cooling_since.is_some() {
-                        continue;
-                    }
-                    match self.let_go(&a.namespace, &a.name, a.uid.as_deref()).await {
-                        Ok(_) => {}
-                        Err(kube::Error::Api(s)) if s.code == 409 => {}
-                        Err(e) => {
-                            return Err(api(format!(
-                                "deleting IPAddress {}/{}",
-                                a.namespace, a.name
-                            ))(e));
-                        }
-                    }
+                    .claims
+                    .get(&a.claim_namespace, &a.claim)
+                    .is_some();
+            if claimed || index.carried_by_other_than(a.address, Some(releasing)) {
+                continue;
+            }
+            match self
+                .let_go(&a.namespace, &a.name, writer::Only::uid(a.uid.as_deref()))
+                .await
+            {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 409 => {}
+                Err(e) => {
+                    return Err(api(format!(
+                        "deleting IPAddress {}/{}",
+                        a.namespace, a.name
+                    ))(e));
                 }
             }
         }
@@ -255,39 +385,34 @@ impl Lifecycle {
         &self,
         ns: &str,
         address: &str,
-        uid: Option<&str>,
+        only: writer::Only<'_>,
     ) -> Result<writer::Deleted, kube::Error> {
         if self.options.reuse_delay.is_zero() {
-            writer::delete_address(&self.assigner.client, ns, address, writer::Only::uid(uid)).await
+            writer::delete_address(&self.assigner.client, ns, address, only).await
         } else {
-            writer::cool_address(&self.assigner.client, ns, address, uid).await
+            writer::cool_address(&self.assigner.client, ns, address, only).await
         }
     }
 
     /// The addresses a claim holds, read while the claim still exists: once the claim is
     /// gone its machine may be released and a new machine of the same name may take the
     /// same address, under the same names; so only these objects (by uid) are deleted
-    /// after it. Those carried by a live machine other than `releasing` are left out.
-    async fn addresses_held(
-        &self,
-        claim: &ClaimToRelease,
-        releasing: Option<&str>,
-    ) -> Result<Vec<(String, Option<String>, Ipv4Addr)>, LifecycleError> {
+    /// after it.
+    async fn addresses_held(&self, claim: &ClaimToRelease) -> Result<Vec<Held>, LifecycleError> {
         let (ns, name, pool) = (&claim.namespace, &claim.name, &claim.pool);
         let client = &self.assigner.client;
-        let mut held: Vec<(String, Option<String>, Ipv4Addr)> = self
+        let mut held: Vec<Held> = self
             .assigner
             .caches
             .index
             .addresses_of_claim(ns, name)
             .into_iter()
             .filter(|a| !a.deleting && a.cooling_since.is_none())
-            .map(|a| {
-                (
-                    a.name.to_string(),
-                    a.uid.as_deref().map(Into::into),
-                    a.address,
-                )
+            .map(|a| Held {
+                name: a.name.to_string(),
+                uid: a.uid.as_deref().map(Into::into),
+                version: a.version.map(|v| v.to_string()),
+                ip: a.address,
             })
             .collect();
         // The caches may not show the address yet (a claim released an instant after it
@@ -304,7 +429,7 @@ impl Lifecycle {
                 .ok()
         });
         for extra in [claim.address.clone(), derived].into_iter().flatten() {
-            if held.iter().any(|(a, _, _)| *a == extra) {
+            if held.iter().any(|h| h.name == extra) {
                 continue;
             }
             if let Some(a) = writer::get_address(client, ns, &extra)
@@ -313,35 +438,53 @@ impl Lifecycle {
                 && a.spec.claim.name.as_deref() == Some(name.as_str())
                 && let Ok(ip) = a.spec.address.parse()
             {
-                held.push((extra, a.uid(), ip));
+                held.push(Held {
+                    name: extra,
+                    uid: a.uid(),
+                    version: a.resource_version(),
+                    ip,
+                });
             }
         }
-        held.retain(|(address, _, ip)| {
-            let carried = self.assigner.caches.index.carried_by_other_than(*ip, releasing);
-            if carried {
-                tracing::warn!(address = %format!("{ns}/{address}"), claim = %name, "address kept: a live machine carries it");
-            }
-            !carried
-        });
         Ok(held)
     }
 
-    /// Deletes one claim and every address that names it: the claim first (at its uid, and
-    /// at its resourceVersion when it was read live), then the addresses found before it
-    /// went (at their uid).
-    ///
-    /// An address that a live machine other than `releasing` (the machine whose release
-    /// this is, if any) carries is kept: it stays locked, and the sweep lets it go once
-    /// nobody carries it.
+    /// Deletes one claim and every address that names it (see
+    /// [`Lifecycle::release_claim_holding`]), the addresses read first.
     pub(super) async fn release_claim(
         &self,
         claim: &ClaimToRelease,
         releasing: Option<&str>,
     ) -> Result<(), LifecycleError> {
+        let held = self.addresses_held(claim).await?;
+        self.release_claim_holding(claim, &held, releasing).await
+    }
+
+    /// Deletes one claim and the addresses it held: the claim first (at its uid, and at its
+    /// resourceVersion when it was read live), then the addresses (at their uid).
+    ///
+    /// An address that a live machine other than `releasing` (the machine whose release
+    /// this is, if any) carries is kept: it stays locked, and the sweep lets it go once
+    /// nobody carries it.
+    async fn release_claim_holding(
+        &self,
+        claim: &ClaimToRelease,
+        held: &[Held],
+        releasing: Option<&str>,
+    ) -> Result<(), LifecycleError> {
         let (ns, name, pool) = (&claim.namespace, &claim.name, &claim.pool);
         let client = &self.assigner.client;
-        let held = self.addresses_held(claim, releasing).await?;
-        let addresses: Vec<String> = held.iter().map(|(a, _, _)| a.clone()).collect();
+        let held: Vec<&Held> = held
+            .iter()
+            .filter(|h| {
+                let carried = self.assigner.caches.index.carried_by_other_than(h.ip, releasing);
+                if carried {
+                    tracing::warn!(address = %format!("{ns}/{}", h.name), claim = %name, "address kept: a live machine carries it");
+                }
+                !carried
+            })
+            .collect();
+        let addresses: Vec<String> = held.iter().map(|h| h.name.clone()).collect();
         // The claim first: metal3's controller, when it runs, must not see a live claim
         // without an address (it would allocate a new one).
         tracing::debug!(claim = %format!("{ns}/{name}"), "releasing claim");
@@ -373,8 +516,17 @@ impl Lifecycle {
         // lost (a timeout, a 5xx), deleted the claim; the addresses read above may still be
         // there, and are deleted all the same: at the uid read, so an object of the same
         // name made since for someone else is left alone.
-        for (address, uid, _) in &held {
-            let state = match self.let_go(ns, address, uid.as_deref()).await {
+        for h in &held {
+            let address = &h.name;
+            // A machine's release: the addresses of a machine still there being deleted,
+            // at their uid. A sweep: nothing read the claim's name since the machine was
+            // found gone, and a request of a new machine of that name may be taking the
+            // address over (it writes to it first): at the version read.
+            let only = match releasing {
+                Some(_) => writer::Only::uid(h.uid.as_deref()),
+                None => writer::Only::version(h.uid.as_deref(), h.version.as_deref()),
+            };
+            let state = match self.let_go(ns, address, only).await {
                 Ok(state) => state,
                 // Replaced since it was read: not this claim's any more.
                 Err(kube::Error::Api(s)) if s.code == 409 => continue,
@@ -432,7 +584,18 @@ impl Lifecycle {
     }
 }
 
-/// Removes our finalizer, guarded by a test of the finalizer at that index.
+/// Whether the machine read live is the one to release (`uid`), being deleted, with our
+/// finalizer and without CAPE's (its VM is gone).
+fn releasable(machine: &ElfMachine, uid: &str) -> bool {
+    let finalizers = machine.finalizers();
+    machine.uid().as_deref() == Some(uid)
+        && machine.metadata.deletion_timestamp.is_some()
+        && finalizers.iter().any(|f| f == STATIC_IP_FINALIZER)
+        && !finalizers.iter().any(|f| f == CAPE_FINALIZER)
+}
+
+/// Removes our finalizer, guarded by a test of the machine's uid (a newer machine of the
+/// same name keeps its own) and of the finalizer at that index.
 async fn remove_finalizer(
     client: &kube::Client,
     machine: &ElfMachine,
@@ -453,6 +616,10 @@ async fn remove_finalizer(
         };
         let path = format!("/metadata/finalizers/{at}");
         let patch = Patch(vec![
+            PatchOperation::Test(TestOperation {
+                path: "/metadata/uid".parse().expect("valid pointer"),
+                value: json!(machine.uid()),
+            }),
             PatchOperation::Test(TestOperation {
                 path: path.parse().expect("valid pointer"),
                 value: json!(STATIC_IP_FINALIZER),
