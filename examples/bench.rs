@@ -33,7 +33,8 @@
 //!
 //! `BENCH_ONLY=relist` (`make bench-relist`) measures only the webhook's steady and peak RSS
 //! with 100,000 IPAM objects present and with `BENCH_MEM_OBJECTS` when larger (its fill budget
-//! defaults to 1800 s).
+//! defaults to 1800 s; `BENCH_HOLD_SECS` keeps the objects and control plane that long after,
+//! for a profiler).
 
 #[allow(dead_code)]
 #[path = "../tests/common/controlplane.rs"]
@@ -1193,6 +1194,16 @@ async fn relist_only(
         println!("| {n} | {rss:.1} | {hwm:.1} | {ready_s:.1} | {per:.2} |");
     }
     println!("(webhook binary {})", binary.display());
+    // `BENCH_HOLD_SECS`: the objects stay (the control plane runs) this long, for a profiler.
+    let hold = env_usize("BENCH_HOLD_SECS", 0);
+    if hold > 0 {
+        eprintln!(
+            "bench: holding {hold} s: KUBECONFIG={} certs {}",
+            kubeconfig.display(),
+            certs.display()
+        );
+        tokio::time::sleep(Duration::from_secs(hold as u64)).await;
+    }
 }
 
 /// Criterion's estimates (mean, ns) of the allocator benchmarks, when they ran.
