@@ -269,6 +269,30 @@ fn machine_key_of(m: &ElfMachine) -> String {
     )
 }
 
+/// Keeps of a cached machine only what the loops read from the cache: its identity
+/// (namespace, name, uid, resourceVersion), deletion timestamp and finalizers, and each
+/// device's network type and `ipAddrs`. Labels, annotations, owners and the rest of the
+/// devices are read live where needed (the reconciler allocates from a live read). A few
+/// KiB less per machine, which is most of what a fleet of machines costs in memory.
+pub fn slim_machine(m: &mut ElfMachine) {
+    let meta = &mut m.metadata;
+    meta.managed_fields = None;
+    meta.labels = None;
+    meta.annotations = None;
+    meta.owner_references = None;
+    meta.generate_name = None;
+    let network = &mut m.spec.network;
+    network.nameservers = Vec::new();
+    for d in &mut network.devices {
+        d.netmask = None;
+        d.routes = Vec::new();
+        d.addresses_from_pools = Vec::new();
+        d.nameservers = Vec::new();
+        d.ip_addrs.shrink_to_fit();
+    }
+    network.devices.shrink_to_fit();
+}
+
 /// Watches ElfMachines into a store, feeds the addresses they carry to the index, and passes
 /// changes to the subscriber. The store, the index and the feed change under one lock, so a
 /// subscriber that starts from the store misses nothing.
@@ -283,7 +307,7 @@ fn watch_machines(
     let api: Api<ElfMachine> = Api::all(client.clone());
     let stream = watcher(api, watcher::Config::default().page_size(LIST_PAGE))
         .default_backoff()
-        .modify(|m: &mut ElfMachine| m.metadata.managed_fields = None);
+        .modify(slim_machine);
     tasks.spawn(async move {
         let mut counted = false;
         let mut stream = std::pin::pin!(stream);
@@ -366,5 +390,56 @@ async fn drive<K: Resource<DynamicType = ()>>(
                 tracing::warn!(error = %e, kind = std::any::type_name::<K>(), "watch failed, retrying")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::ResourceExt;
+
+    #[test]
+    fn a_slim_machine_keeps_what_the_loops_read() {
+        let mut m: ElfMachine = serde_json::from_value(serde_json::json!({
+            "apiVersion": "infrastructure.cluster.x-k8s.io/v1beta1",
+            "kind": "ElfMachine",
+            "metadata": {
+                "name": "m", "namespace": "ns", "uid": "0b7c1c52-2d7e-4d5b-9a53-0e8f3c1d2a77",
+                "resourceVersion": "7", "deletionTimestamp": "2026-01-01T00:00:00Z",
+                "finalizers": ["a", "b"], "labels": {"l": "v"}, "annotations": {"a": "v"},
+                "ownerReferences": [{"apiVersion": "v1", "kind": "X", "name": "x", "uid": "u"}]
+            },
+            "spec": {"network": {"nameservers": ["10.0.0.2"], "devices": [
+                {"networkType": "IPV4", "ipAddrs": ["10.0.0.5"], "netmask": "255.255.255.0",
+                 "routes": [{"gateway": "10.0.0.1"}], "nameservers": ["10.0.0.3"]},
+                {"networkType": "IPV4"}
+            ]}}
+        }))
+        .unwrap();
+        slim_machine(&mut m);
+        assert_eq!(
+            (m.name_any(), m.namespace(), m.resource_version()),
+            (
+                "m".to_string(),
+                Some("ns".to_string()),
+                Some("7".to_string())
+            )
+        );
+        assert_eq!(
+            m.uid().as_deref(),
+            Some("0b7c1c52-2d7e-4d5b-9a53-0e8f3c1d2a77")
+        );
+        assert!(m.metadata.deletion_timestamp.is_some());
+        assert_eq!(m.finalizers(), ["a", "b"]);
+        assert!(m.metadata.labels.is_none() && m.metadata.annotations.is_none());
+        assert!(m.metadata.owner_references.is_none());
+        assert_eq!(
+            carried_addresses(&m),
+            ["10.0.0.5".parse::<std::net::Ipv4Addr>().unwrap()]
+        );
+        let d = &m.spec.network.devices;
+        assert_eq!(d.len(), 2);
+        assert!(crate::assign::needs_address(&d[1]) && !crate::assign::needs_address(&d[0]));
+        assert!(d[0].routes.is_empty() && d[0].netmask.is_none());
     }
 }

@@ -19,6 +19,7 @@ use kube::ResourceExt;
 
 use super::crd::IPClaim;
 use super::intern::Interner;
+use super::uid::Uid;
 use crate::contract::{
     ANNOTATION_DEVICE, ANNOTATION_MACHINE, ANNOTATION_MACHINE_UID, METAL3_REQUESTED_IP,
 };
@@ -31,7 +32,7 @@ type ClaimId = (Arc<str>, Arc<str>);
 pub struct ClaimInfo {
     pub namespace: Arc<str>,
     pub name: Arc<str>,
-    pub uid: Option<Arc<str>>,
+    pub uid: Option<Uid>,
     pub created: Option<Timestamp>,
     /// Has a deletion timestamp.
     pub deleting: bool,
@@ -63,7 +64,7 @@ impl ClaimInfo {
         ClaimInfo {
             namespace,
             name,
-            uid: claim.uid().map(Arc::from),
+            uid: claim.uid().map(Uid::from),
             created: claim.creation_timestamp().map(|t| t.0),
             deleting: claim.metadata.deletion_timestamp.is_some(),
             pool,

@@ -15,6 +15,7 @@ use kube::ResourceExt;
 
 use super::crd::{IPAddress, IPPool};
 use super::intern::Interner;
+use super::uid::Uid;
 use crate::contract::{ANNOTATION_LEASED_AT, ANNOTATION_RELEASED_AT, LABEL_MANAGED_BY, MANAGER};
 use crate::ipam::allocate::PoolState;
 use crate::ipam::pool::{Pool, PoolInput, RangeInput, parse_pool};
@@ -22,6 +23,48 @@ use crate::ipam::select::{PoolKey, PoolMeta};
 
 /// (namespace, name) of an object; the strings are shared with the other maps.
 type ObjectId = (Arc<str>, Arc<str>);
+
+/// The IPAddress objects naming one claim: almost always one, kept without an allocation of
+/// its own (a few hundred thousand of them add up).
+#[derive(Debug)]
+enum Ids {
+    One(ObjectId),
+    Many(Vec<ObjectId>),
+}
+
+impl Ids {
+    fn as_slice(&self) -> &[ObjectId] {
+        match self {
+            Ids::One(id) => std::slice::from_ref(id),
+            Ids::Many(ids) => ids,
+        }
+    }
+
+    fn push(&mut self, id: ObjectId) {
+        match self {
+            Ids::One(first) => *self = Ids::Many(vec![first.clone(), id]),
+            Ids::Many(ids) => ids.push(id),
+        }
+    }
+
+    /// Removes `id`; true when none is left.
+    fn remove(&mut self, id: &ObjectId) -> bool {
+        match self {
+            Ids::One(only) => only == id,
+            Ids::Many(ids) => {
+                ids.retain(|a| a != id);
+                match ids.len() {
+                    0 => true,
+                    1 => {
+                        *self = Ids::One(ids.remove(0));
+                        false
+                    }
+                    _ => false,
+                }
+            }
+        }
+    }
+}
 
 /// What the index knows of one pool.
 enum Slot {
@@ -39,7 +82,7 @@ struct Inner {
     /// How many IPAddress objects hold each address of each pool.
     holders: HashMap<Arc<PoolKey>, HashMap<Ipv4Addr, u32>>,
     /// Claim (namespace, name) → the IPAddress objects naming it in `spec.claim`.
-    by_claim: HashMap<ObjectId, Vec<ObjectId>>,
+    by_claim: HashMap<ObjectId, Ids>,
     /// One shared copy of each namespace and pool key.
     strings: Interner,
     pool_keys: HashSet<Arc<PoolKey>>,
@@ -62,7 +105,7 @@ struct Inner {
 pub struct AddressInfo {
     pub namespace: Arc<str>,
     pub name: Arc<str>,
-    pub uid: Option<Arc<str>>,
+    pub uid: Option<Uid>,
     pub pool: Arc<PoolKey>,
     pub address: Ipv4Addr,
     pub claim_namespace: Arc<str>,
@@ -296,7 +339,8 @@ impl IpamIndex {
             .by_claim
             .get(&id)
             .map(|ids| {
-                ids.iter()
+                ids.as_slice()
+                    .iter()
                     .filter_map(|id| inner.objects.get(id).cloned())
                     .collect()
             })
@@ -433,7 +477,7 @@ impl Inner {
         let info = AddressInfo {
             namespace: id.0.clone(),
             name: id.1.clone(),
-            uid: address.uid().map(Arc::from),
+            uid: address.uid().map(Uid::from),
             pool: self.intern_pool(pool),
             address: ip,
             claim_namespace: claim_ns,
@@ -480,7 +524,12 @@ impl Inner {
         let info = Arc::new(info);
         self.track_cooling(&id, None, Some(&info));
         self.objects.insert(id.clone(), info);
-        self.by_claim.entry(claim).or_default().push(id);
+        match self.by_claim.get_mut(&claim) {
+            Some(ids) => ids.push(id),
+            None => {
+                self.by_claim.insert(claim, Ids::One(id));
+            }
+        }
         let count = self
             .holders
             .entry(key.clone())
@@ -530,11 +579,10 @@ impl Inner {
         };
         self.track_cooling(id, Some(&info), None);
         let claim: ObjectId = (info.claim_namespace.clone(), info.claim.clone());
-        if let Some(list) = self.by_claim.get_mut(&claim) {
-            list.retain(|a| a != id);
-            if list.is_empty() {
-                self.by_claim.remove(&claim);
-            }
+        if let Some(ids) = self.by_claim.get_mut(&claim)
+            && ids.remove(id)
+        {
+            self.by_claim.remove(&claim);
         }
         let Some(holders) = self.holders.get_mut(&*info.pool) else {
             return;

@@ -7,4 +7,5 @@ pub mod claims;
 pub mod crd;
 pub mod index;
 pub mod intern;
+pub mod uid;
 pub mod writer;
