@@ -14,8 +14,9 @@
 //! The caches are other watches than the machine's and may lag behind it: a machine deleted
 //! an instant after its create may be seen before its claims are. So the caches are trusted
 //! only when they account for every address the machine carries (a cached claim of this
-//! machine made for it); otherwise the machine's claims are listed live and the machine is
-//! read again after. An object neither shows (a carried address whose claim is gone) is
+//! machine made for it) and every address those claims hold; otherwise the machine's claims
+//! are listed live (and addresses the caches do not show read), and the machine is read
+//! again after. An object neither shows (a carried address whose claim is gone) is
 //! left to the sweep, which releases it once no live machine carries its address.
 
 use std::net::Ipv4Addr;
@@ -107,21 +108,26 @@ struct Plan {
     orphans: Vec<Arc<AddressInfo>>,
     /// Devices the plan looked up claims and addresses for.
     devices: usize,
-    /// The claims were listed live (not only the caches).
-    listed: bool,
+    /// Gathered with live reads (the machine's claims listed, addresses the caches did not
+    /// show read); a plan from the caches alone is complete only when they showed it all.
+    live: bool,
+    /// The caches alone showed a claim for every address the machine carries and every
+    /// address those claims hold.
+    complete: bool,
     /// The addresses the claims are known to hold or were made for.
     covers: Vec<Ipv4Addr>,
 }
 
 impl Plan {
-    /// Whether the plan is complete for the machine as read live: claims for every address
-    /// it carries (or listed live), and every device looked up.
+    /// Whether the plan is complete for the machine as read live: every device looked up,
+    /// and the claims listed live, or the caches showing a claim for every address it carries.
     fn fits(&self, machine: &ElfMachine) -> bool {
         machine.spec.network.devices.len() <= self.devices
-            && (self.listed
-                || carried_addresses(machine)
-                    .iter()
-                    .all(|ip| self.covers.contains(ip)))
+            && (self.live
+                || (self.complete
+                    && carried_addresses(machine)
+                        .iter()
+                        .all(|ip| self.covers.contains(ip))))
     }
 }
 
@@ -144,10 +150,10 @@ impl Lifecycle {
             return Ok(());
         };
         let mut known = cached.clone();
-        let mut list_live = false;
+        let mut live_reads = false;
         for _ in 0..3 {
             let plan = self
-                .plan_release(&known, &uid, &deleted_at.0, list_live)
+                .plan_release(&known, &uid, &deleted_at.0, live_reads)
                 .await?;
             // Decide on the live object: the cache may still show a machine that another
             // replica released, while a new machine of the same name already holds claims.
@@ -160,10 +166,11 @@ impl Lifecycle {
             };
             crate::fault::delay("release-read").await;
             if !plan.fits(&machine) {
-                // Edited since the cache saw it, or the caches are behind: gathered again
-                // for the machine as read, its claims listed live.
+                // The caches are behind, or the machine was edited since they saw it:
+                // gathered again for the machine as read, with live reads, and the machine
+                // read again after them.
                 known = machine;
-                list_live = true;
+                live_reads = true;
                 continue;
             }
             return self.carry_out(plan, &machine).await;
@@ -177,15 +184,17 @@ impl Lifecycle {
         })
     }
 
-    /// Gathers what to delete for `machine` (as last read): the claims the caches know for
-    /// it when they account for every address it carries, else its claims listed live; the
-    /// addresses each claim holds; the addresses of its claim names whose claim is gone.
+    /// Gathers what to delete for `machine` (as last read): its claims, the addresses each
+    /// holds, and the addresses of its claim names whose claim is gone. Without `live_reads`
+    /// from the caches alone (no request: a release triggered by a stale cache costs only the
+    /// machine's read); with it, the claims are listed live and addresses the caches do not
+    /// show are read.
     async fn plan_release(
         &self,
         machine: &ElfMachine,
         uid: &str,
         deleted_at: &k8s_openapi::jiff::Timestamp,
-        list_live: bool,
+        live_reads: bool,
     ) -> Result<Plan, LifecycleError> {
         let ns = machine.namespace().unwrap_or_default();
         let name = machine.name_any();
@@ -210,17 +219,18 @@ impl Lifecycle {
         let accounted = carried_addresses(machine)
             .iter()
             .all(|ip| covers.contains(ip));
-        let listed = list_live || !accounted;
-        let claims: Vec<ClaimToRelease> = if listed {
+        let claims: Vec<ClaimToRelease> = if live_reads {
             tracing::info!(machine = %key, "caches behind the machine: listing its claims live");
             self.live_claims_of(&ns, &name, uid, deleted_at, &cached)
                 .await?
         } else {
             cached.iter().map(|c| ClaimToRelease::of_cache(c)).collect()
         };
+        let mut complete = accounted;
         let mut with_held = Vec::with_capacity(claims.len());
         for c in claims {
-            let held = self.addresses_held(&c).await?;
+            let (held, all) = self.addresses_held(&c, live_reads).await?;
+            complete &= all;
             with_held.push((c, held));
         }
         let handled: Vec<(&str, &str)> = with_held
@@ -232,7 +242,8 @@ impl Lifecycle {
             claims: with_held,
             orphans,
             devices,
-            listed,
+            live: live_reads,
+            complete,
             covers,
         })
     }
@@ -397,16 +408,19 @@ impl Lifecycle {
     /// The addresses a claim holds, read while the claim still exists: once the claim is
     /// gone its machine may be released and a new machine of the same name may take the
     /// same address, under the same names; so only these objects (by uid) are deleted
-    /// after it.
-    async fn addresses_held(&self, claim: &ClaimToRelease) -> Result<Vec<Held>, LifecycleError> {
+    /// after it. With `live_reads`, those the caches do not show are read; without, the
+    /// second value tells whether the caches showed them all.
+    async fn addresses_held(
+        &self,
+        claim: &ClaimToRelease,
+        live_reads: bool,
+    ) -> Result<(Vec<Held>, bool), LifecycleError> {
         let (ns, name, pool) = (&claim.namespace, &claim.name, &claim.pool);
         let client = &self.assigner.client;
-        let mut held: Vec<Held> = self
-            .assigner
-            .caches
-            .index
-            .addresses_of_claim(ns, name)
-            .into_iter()
+        let cached = self.assigner.caches.index.addresses_of_claim(ns, name);
+        let mut all = true;
+        let mut held: Vec<Held> = cached
+            .iter()
             .filter(|a| !a.deleting && a.cooling_since.is_none())
             .map(|a| Held {
                 name: a.name.to_string(),
@@ -429,7 +443,11 @@ impl Lifecycle {
                 .ok()
         });
         for extra in [claim.address.clone(), derived].into_iter().flatten() {
-            if held.iter().any(|h| h.name == extra) {
+            if cached.iter().any(|a| *a.name == *extra) {
+                continue;
+            }
+            if !live_reads {
+                all = false;
                 continue;
             }
             if let Some(a) = writer::get_address(client, ns, &extra)
@@ -446,7 +464,7 @@ impl Lifecycle {
                 });
             }
         }
-        Ok(held)
+        Ok((held, all))
     }
 
     /// Deletes one claim and every address that names it (see
@@ -456,7 +474,7 @@ impl Lifecycle {
         claim: &ClaimToRelease,
         releasing: Option<&str>,
     ) -> Result<(), LifecycleError> {
-        let held = self.addresses_held(claim).await?;
+        let (held, _) = self.addresses_held(claim, true).await?;
         self.release_claim_holding(claim, &held, releasing).await
     }
 
