@@ -17,8 +17,8 @@
 //!    right after the burst it is compared with (3 rounds; latencies over all of them,
 //!    machines/s their median);
 //! 4. the same bursts on a /16 with 60,000 addresses already used (pre-filled at 64 in flight);
-//! 5. resident memory of a fresh webhook child with 100,000 IPAM objects cached, with
-//!    `MALLOC_ARENA_MAX=2` as the Deployment runs it and with glibc's default;
+//! 5. resident memory of a fresh webhook child with 100,000 IPAM objects cached (the binary
+//!    allocates with jemalloc; steady, 15 s after ready, and 1 s after);
 //! 6. admission calls per machine life (create, 10 metadata/spec patches as CAPI and CAPE
 //!    make them, deletion with CAPE's finalizer removed, release), 100 machines, with the
 //!    registration's `matchConditions` and without them (an apiserver before 1.28);
@@ -28,8 +28,8 @@
 //! Environment: `BENCH_MEM_OBJECTS` (default 100000) IPAM objects for the memory figure,
 //! `BENCH_FILL_BUDGET_SECS` (default 240) the most time spent creating them (the rest is
 //! extrapolated, and labelled so), `BENCH_PREFILL` (default 60000) addresses used in the full pool,
-//! `BENCH_COUNT_SETTLE_SECS` (default 65: one periodic pass) the wait before counting, `BENCH_MALLOC_ARENA_MAX`
-//! (default 2, empty for glibc's default), `BENCH_ONLY=requests` only the request counts.
+//! `BENCH_COUNT_SETTLE_SECS` (default 65: one periodic pass) the wait before counting, `BENCH_MALLOC_CONF`
+//! (jemalloc settings for the child, as `_RJEM_MALLOC_CONF`), `BENCH_RSS_SETTLE_SECS` (15), `BENCH_ONLY=requests` only the request counts.
 //!
 //! `BENCH_ONLY=relist` (`make bench-relist`) measures only the webhook's steady and peak RSS
 //! with 100,000 IPAM objects present and with `BENCH_MEM_OBJECTS` when larger (its fill budget
@@ -962,32 +962,37 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// glibc's `MALLOC_ARENA_MAX` for the webhook child: 2 as the Deployment sets it
-/// (manifests/deployment.yaml), `BENCH_MALLOC_ARENA_MAX` to change it, empty for glibc's
-/// default.
-fn arena_max() -> Option<String> {
-    match std::env::var("BENCH_MALLOC_ARENA_MAX") {
-        Ok(v) if v.is_empty() => None,
-        Ok(v) => Some(v),
-        Err(_) => Some("2".into()),
-    }
+/// The webhook binary allocates with jemalloc (purging unused pages from a background
+/// thread after its decay time); `BENCH_MALLOC_CONF` is given to the child as
+/// `_RJEM_MALLOC_CONF` to try other settings.
+fn malloc_conf() -> Option<String> {
+    std::env::var("BENCH_MALLOC_CONF")
+        .ok()
+        .filter(|v| !v.is_empty())
 }
 
-/// Starts `cape-static-ip serve` as a child (with `MALLOC_ARENA_MAX=arena_max` when given),
-/// waits for /readyz, lets it settle, returns (VmRSS, VmHWM) in MiB and how long it took to
-/// become ready.
-async fn child_rss(
-    binary: &Path,
-    kubeconfig: &Path,
-    certs: &Path,
-    arena_max: Option<&str>,
-) -> (f64, f64, f64) {
+/// Resident memory of one webhook child, in MiB.
+#[derive(Debug, Clone, Copy)]
+struct Rss {
+    /// One second after it became ready (its caches just listed).
+    listed: f64,
+    /// After `BENCH_RSS_SETTLE_SECS` (default 15: past the allocator's 10 s decay).
+    steady: f64,
+    /// VmHWM.
+    peak: f64,
+    /// Seconds from start to ready.
+    ready_s: f64,
+}
+
+/// Starts `cape-static-ip serve` as a child (with `_RJEM_MALLOC_CONF=conf` when given),
+/// waits for /readyz, and reads its resident memory just after and once settled.
+async fn child_rss(binary: &Path, kubeconfig: &Path, certs: &Path, conf: Option<&str>) -> Rss {
     let admin = free_port();
     let start = Instant::now();
     let mut command = std::process::Command::new(binary);
-    command.env_remove("MALLOC_ARENA_MAX");
-    if let Some(v) = arena_max {
-        command.env("MALLOC_ARENA_MAX", v);
+    command.env_remove("_RJEM_MALLOC_CONF");
+    if let Some(v) = conf {
+        command.env("_RJEM_MALLOC_CONF", v);
     }
     let mut child = command
         .arg("serve")
@@ -1026,17 +1031,26 @@ async fn child_rss(
         panic!("the webhook child never became ready");
     }
     let ready_s = start.elapsed().as_secs_f64();
-    tokio::time::sleep(Duration::from_secs(3)).await;
     let pid = child.id();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib = |key: &str| -> f64 {
+    let mib = |key: &str| -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
         status
             .lines()
             .find_map(|l| l.strip_prefix(key))
             .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
             .unwrap_or(f64::NAN)
+            / 1024.0
     };
-    let out = (kib("VmRSS:") / 1024.0, kib("VmHWM:") / 1024.0, ready_s);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let listed = mib("VmRSS:");
+    let settle = env_usize("BENCH_RSS_SETTLE_SECS", 15).saturating_sub(1) as u64;
+    tokio::time::sleep(Duration::from_secs(settle)).await;
+    let out = Rss {
+        listed,
+        steady: mib("VmRSS:"),
+        peak: mib("VmHWM:"),
+        ready_s,
+    };
     let _ = child.kill();
     let _ = child.wait();
     out
@@ -1073,8 +1087,8 @@ async fn relist_only(
         "ipclaims",
     );
     let budget = Duration::from_secs(env_usize("BENCH_FILL_BUDGET_SECS", 1800) as u64);
-    let (rss_idle, hwm_idle, _) =
-        child_rss(binary, kubeconfig, certs, arena_max().as_deref()).await;
+    let idle = child_rss(binary, kubeconfig, certs, malloc_conf().as_deref()).await;
+    let (rss_idle, hwm_idle) = (idle.steady, idle.peak);
     let mut rows = vec![("0 (idle)".to_string(), 0.0, rss_idle, hwm_idle, 0.0)];
     let (mut made, mut pools) = (0usize, 0usize);
     let start = Instant::now();
@@ -1136,8 +1150,12 @@ async fn relist_only(
         eprintln!(
             "bench: {a} IPAddresses in {a_s:.0} s, {c} IPClaims in {c_s:.0} s: {made} IPAM objects"
         );
-        let (rss, hwm, ready_s) =
-            child_rss(binary, kubeconfig, certs, arena_max().as_deref()).await;
+        let Rss {
+            steady: rss,
+            peak: hwm,
+            ready_s,
+            ..
+        } = child_rss(binary, kubeconfig, certs, malloc_conf().as_deref()).await;
         eprintln!("bench: {made} objects, no status.indexes: RSS {rss:.1} MiB, peak {hwm:.1} MiB");
         let per = |rss: f64| (rss - rss_idle) * 1024.0 / made as f64;
         rows.push((
@@ -1178,8 +1196,12 @@ async fn relist_only(
                 .await
                 .unwrap();
         }
-        let (rss, hwm, ready_s) =
-            child_rss(binary, kubeconfig, certs, arena_max().as_deref()).await;
+        let Rss {
+            steady: rss,
+            peak: hwm,
+            ready_s,
+            ..
+        } = child_rss(binary, kubeconfig, certs, malloc_conf().as_deref()).await;
         eprintln!(
             "bench: {made} objects: RSS {rss:.1} MiB, peak {hwm:.1} MiB, ready in {ready_s:.1} s"
         );
@@ -1324,14 +1346,14 @@ async fn main() {
         let _ = std::fs::remove_dir_all(&certs);
         return;
     }
-    let arena = arena_max();
+    let conf = malloc_conf();
     let requests_only = std::env::var("BENCH_ONLY").is_ok_and(|v| v == "requests");
     let rss_idle = if requests_only {
         f64::NAN
     } else {
-        child_rss(&binary, cp.kubeconfig(), &certs, arena.as_deref())
+        child_rss(&binary, cp.kubeconfig(), &certs, conf.as_deref())
             .await
-            .0
+            .steady
     };
     eprintln!("bench: webhook idle RSS {rss_idle:.1} MiB");
 
@@ -1515,13 +1537,8 @@ async fn main() {
     .await;
     let cached = existing + claims_made;
     eprintln!("bench: {claims_made} claims in {claims_s:.1} s; {cached} IPAM objects");
-    let (rss_loaded, hwm_loaded, ready_s) =
-        child_rss(&binary, cp.kubeconfig(), &certs, arena.as_deref()).await;
-    // The same with glibc's default arenas, for comparison.
-    let rss_default = match arena {
-        Some(_) => Some(child_rss(&binary, cp.kubeconfig(), &certs, None).await),
-        None => None,
-    };
+    let loaded = child_rss(&binary, cp.kubeconfig(), &certs, conf.as_deref()).await;
+    let (rss_loaded, hwm_loaded, ready_s) = (loaded.steady, loaded.peak, loaded.ready_s);
     let per_object_kib = (rss_loaded - rss_idle) * 1024.0 / cached as f64;
     let rss_100k = if cached >= 100_000 {
         rss_loaded
@@ -1638,22 +1655,18 @@ async fn main() {
         );
     }
     row("webhook RSS idle".into(), format!("{rss_idle:.1} MiB"), "");
-    let arena_text = match &arena {
-        Some(v) => format!("MALLOC_ARENA_MAX={v}"),
-        None => "glibc's default arenas".into(),
+    let conf_text = match &conf {
+        Some(v) => format!("jemalloc, _RJEM_MALLOC_CONF={v}"),
+        None => "jemalloc".into(),
     };
     row(
-        format!("webhook RSS, {cached} IPAM objects cached ({arena_text})"),
-        format!("{rss_loaded:.1} MiB (peak {hwm_loaded:.1}; ready in {ready_s:.1} s)"),
+        format!("webhook RSS, {cached} IPAM objects cached ({conf_text})"),
+        format!(
+            "{rss_loaded:.1} MiB steady (1 s after ready {:.1}, peak {hwm_loaded:.1}; ready in {ready_s:.1} s)",
+            loaded.listed
+        ),
         "",
     );
-    if let Some((rss, hwm, ready)) = rss_default {
-        row(
-            "  same, glibc's default arenas".to_string(),
-            format!("{rss:.1} MiB (peak {hwm:.1}; ready in {ready:.1} s)"),
-            "",
-        );
-    }
     row(
         if cached >= 100_000 {
             "webhook RSS at 100k IPAM objects".into()
@@ -1692,7 +1705,7 @@ async fn main() {
         "prefill": {"addresses": filled, "seconds": fill_s},
         "machine_lives": lives.iter().map(|(label, n, calls)| json!({"registration": label, "machines": n, "admission_calls": calls})).collect::<Vec<_>>(),
         "rss_mib": {"idle": rss_idle, "loaded": rss_loaded, "loaded_peak": hwm_loaded,
-                    "malloc_arena_max": arena, "loaded_default_arenas": rss_default.map(|r| r.0),
+                    "loaded_just_listed": loaded.listed, "malloc_conf": conf,
                     "loaded_objects": cached, "at_100k": rss_100k, "extrapolated": cached < 100_000},
         "allocator_ns": micro.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
         "table": rows.iter().map(|(m, v, t)| json!({"metric": m, "value": v, "target": t})).collect::<Vec<_>>(),

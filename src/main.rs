@@ -1,5 +1,8 @@
 use clap::Parser;
 
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> std::process::ExitCode {
     // One TLS crypto provider for kube, the webhook server and everything else.
     let _ = rustls::crypto::ring::default_provider().install_default();
