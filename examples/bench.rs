@@ -29,7 +29,7 @@
 //! `BENCH_FILL_BUDGET_SECS` (default 240) the most time spent creating them (the rest is
 //! extrapolated, and labelled so), `BENCH_PREFILL` (default 60000) addresses used in the full pool,
 //! `BENCH_COUNT_SETTLE_SECS` (default 65: one periodic pass) the wait before counting, `BENCH_MALLOC_CONF`
-//! (jemalloc settings for the child, as `_RJEM_MALLOC_CONF`), `BENCH_RSS_SETTLE_SECS` (15), `BENCH_ONLY=requests` only the request counts.
+//! (jemalloc settings for the child, as `_RJEM_MALLOC_CONF`: default the Deployment's, empty for jemalloc's), `BENCH_RSS_SETTLE_SECS` (15), `BENCH_ONLY=requests` only the request counts.
 //!
 //! `BENCH_ONLY=relist` (`make bench-relist`) measures only the webhook's steady and peak RSS
 //! with 100,000 IPAM objects present and with `BENCH_MEM_OBJECTS` when larger (its fill budget
@@ -962,13 +962,15 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// The webhook binary allocates with jemalloc (purging unused pages from a background
-/// thread after its decay time); `BENCH_MALLOC_CONF` is given to the child as
-/// `_RJEM_MALLOC_CONF` to try other settings.
+/// The webhook binary allocates with jemalloc; the child gets `_RJEM_MALLOC_CONF` as the
+/// Deployment sets it (manifests/deployment.yaml: `dirty_decay_ms:0`), or
+/// `BENCH_MALLOC_CONF` (empty for jemalloc's defaults).
 fn malloc_conf() -> Option<String> {
-    std::env::var("BENCH_MALLOC_CONF")
-        .ok()
-        .filter(|v| !v.is_empty())
+    match std::env::var("BENCH_MALLOC_CONF") {
+        Ok(v) if v.is_empty() => None,
+        Ok(v) => Some(v),
+        Err(_) => Some("dirty_decay_ms:0".into()),
+    }
 }
 
 /// Resident memory of one webhook child, in MiB.
