@@ -274,7 +274,7 @@ fn machine_key_of(m: &ElfMachine) -> String {
 /// device's network type and `ipAddrs`. Labels, annotations, owners and the rest of the
 /// devices are read live where needed (the reconciler allocates from a live read). A few
 /// KiB less per machine, which is most of what a fleet of machines costs in memory.
-pub fn slim_machine(m: &mut ElfMachine) {
+fn slim_machine(m: &mut ElfMachine) {
     let meta = &mut m.metadata;
     meta.managed_fields = None;
     meta.labels = None;

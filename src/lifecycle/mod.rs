@@ -146,11 +146,8 @@ impl Lifecycle {
     async fn reconcile(&self, machine: Arc<ElfMachine>) -> Result<Action, LifecycleError> {
         let ns = machine.namespace().unwrap_or_default();
         let name = machine.name_any();
-        let finalizers = machine.finalizers();
         if machine.metadata.deletion_timestamp.is_some() {
-            if finalizers.iter().any(|f| f == STATIC_IP_FINALIZER)
-                && !finalizers.iter().any(|f| f == CAPE_FINALIZER)
-            {
+            if waits_for_release(&machine) {
                 self.release_machine(&machine).await?;
             }
         } else {
@@ -211,6 +208,15 @@ impl Lifecycle {
             tokio::time::sleep(QUIET / 4).await;
         }
     }
+}
+
+/// Whether a machine is ours to release now: being deleted, with our finalizer and
+/// without CAPE's (its VM is gone).
+fn waits_for_release(machine: &ElfMachine) -> bool {
+    let finalizers = machine.finalizers();
+    machine.metadata.deletion_timestamp.is_some()
+        && finalizers.iter().any(|f| f == STATIC_IP_FINALIZER)
+        && !finalizers.iter().any(|f| f == CAPE_FINALIZER)
 }
 
 fn api_err(ns: &str, name: &str) -> impl FnOnce(kube::Error) -> LifecycleError {

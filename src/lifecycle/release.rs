@@ -90,8 +90,8 @@ impl ClaimToRelease {
 }
 
 /// An address a claim holds, as read before the claim is deleted: deleted after it by uid.
-#[derive(Debug, Clone)]
-pub(super) struct Held {
+#[derive(Debug)]
+struct Held {
     name: String,
     uid: Option<String>,
     /// The resourceVersion read, if known.
@@ -111,8 +111,8 @@ struct Plan {
     /// Gathered with live reads (the machine's claims listed, addresses the caches did not
     /// show read); a plan from the caches alone is complete only when they showed it all.
     live: bool,
-    /// The caches alone showed a claim for every address the machine carries and every
-    /// address those claims hold.
+    /// The caches alone showed every address the claims hold (whether they show a claim
+    /// for every address the machine carries is judged on the machine read live).
     complete: bool,
     /// The addresses the claims are known to hold or were made for.
     covers: Vec<Ipv4Addr>,
@@ -216,9 +216,6 @@ impl Lifecycle {
             .iter()
             .filter_map(|c| self.claim_address(c))
             .collect();
-        let accounted = carried_addresses(machine)
-            .iter()
-            .all(|ip| covers.contains(ip));
         let claims: Vec<ClaimToRelease> = if live_reads {
             tracing::info!(machine = %key, "caches behind the machine: listing its claims live");
             self.live_claims_of(&ns, &name, uid, deleted_at, &cached)
@@ -226,7 +223,7 @@ impl Lifecycle {
         } else {
             cached.iter().map(|c| ClaimToRelease::of_cache(c)).collect()
         };
-        let mut complete = accounted;
+        let mut complete = true;
         let mut with_held = Vec::with_capacity(claims.len());
         for c in claims {
             let (held, all) = self.addresses_held(&c, live_reads).await?;
@@ -254,15 +251,10 @@ impl Lifecycle {
             &machine.namespace().unwrap_or_default(),
             &machine.name_any(),
         );
-        let handled: Vec<(String, String)> = plan
-            .claims
-            .iter()
-            .map(|(c, _)| (c.namespace.clone(), c.name.clone()))
-            .collect();
         for (c, held) in &plan.claims {
             self.release_claim_holding(c, held, Some(&key)).await?;
         }
-        self.release_orphans(&plan.orphans, &key, &handled).await?;
+        self.release_orphans(&plan.orphans, &key).await?;
         crate::fault::point("before-finalizer-removal");
         remove_finalizer(&self.assigner.client, machine).await?;
         tracing::info!(machine = %key, claims = plan.claims.len(), "released");
@@ -358,19 +350,15 @@ impl Lifecycle {
         &self,
         orphans: &[Arc<AddressInfo>],
         releasing: &str,
-        handled: &[(String, String)],
     ) -> Result<(), LifecycleError> {
         let index = &self.assigner.caches.index;
         for a in orphans {
-            let claimed = handled
-                .iter()
-                .any(|(n, c)| **n == *a.claim_namespace && **c == *a.claim)
-                || self
-                    .assigner
-                    .caches
-                    .claims
-                    .get(&a.claim_namespace, &a.claim)
-                    .is_some();
+            let claimed = self
+                .assigner
+                .caches
+                .claims
+                .get(&a.claim_namespace, &a.claim)
+                .is_some();
             if claimed || index.carried_by_other_than(a.address, Some(releasing)) {
                 continue;
             }
@@ -602,14 +590,9 @@ impl Lifecycle {
     }
 }
 
-/// Whether the machine read live is the one to release (`uid`), being deleted, with our
-/// finalizer and without CAPE's (its VM is gone).
+/// Whether the machine read live is the one to release (`uid`) and waits for its release.
 fn releasable(machine: &ElfMachine, uid: &str) -> bool {
-    let finalizers = machine.finalizers();
-    machine.uid().as_deref() == Some(uid)
-        && machine.metadata.deletion_timestamp.is_some()
-        && finalizers.iter().any(|f| f == STATIC_IP_FINALIZER)
-        && !finalizers.iter().any(|f| f == CAPE_FINALIZER)
+    machine.uid().as_deref() == Some(uid) && super::waits_for_release(machine)
 }
 
 /// Removes our finalizer, guarded by a test of the machine's uid (a newer machine of the
