@@ -21,7 +21,7 @@ use common::child::{ChildConfig, ChildWebhook};
 use common::controlplane::{ControlPlane, CrdSet, shared, temp_namespace};
 use common::util::{eventually, objects};
 use common::webhook::{
-    capi_machine, create, machines, pool, register, template, wait_until_called,
+    capi_machine, create, ipclaims, machines, pool, register, template, wait_until_called,
 };
 use futures::StreamExt;
 use kube::Client;
@@ -992,14 +992,7 @@ async fn a_sweep_never_frees_an_address_a_request_is_taking_over() {
     let (m, _) = create_as_capi(&client, &ns, "m", "tpl", 1).await;
     let ip = carried(&m)[0].clone().expect("an address");
     // The claim is deleted by hand; the address stays (the machine carries it).
-    let claims = common::webhook::dynamic(
-        &client,
-        &ns,
-        "ipam.metal3.io",
-        "v1alpha1",
-        "IPClaim",
-        "ipclaims",
-    );
+    let claims = ipclaims(&client, &ns);
     for c in objects(&client, &ns, "IPClaim", "ipclaims").await {
         let name = c["metadata"]["name"].as_str().unwrap().to_string();
         claims
@@ -1067,7 +1060,7 @@ async fn a_sweep_never_frees_an_address_a_request_is_taking_over() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_that_paused_never_touches_a_re_created_machine_of_the_name() {
     let _alone = ALONE.lock().await;
-    let (client, config, ns) = scenario("paused-release", "10.70.0.0/24").await;
+    let (client, config, ns) = scenario("paused-release", "10.71.0.0/24").await;
     let mut serving = unarmed(&config, "paused-release-serving", &client, &[]).await;
     // Another replica, not registered: its background loops only, each release pausing.
     let cp = shared(CrdSet::Current);

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::controlplane::{CrdSet, shared, temp_namespace};
 use common::util::*;
-use common::webhook::{self, WebhookOptions, capi_machine, create, dynamic, machines};
+use common::webhook::{self, WebhookOptions, capi_machine, create, dynamic, ipclaims, machines};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use serde_json::{Value, json};
 
@@ -398,21 +398,14 @@ async fn take_over_from_the_go_controller() {
         }))
         .await
         .unwrap();
-        dynamic(
-            &client,
-            &ns,
-            "ipam.metal3.io",
-            "v1alpha1",
-            "IPClaim",
-            "ipclaims",
-        )
-        .patch_status(
-            &claim,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"status": {"address": {"name": address, "namespace": ns}}})),
-        )
-        .await
-        .unwrap();
+        ipclaims(&client, &ns)
+            .patch_status(
+                &claim,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": {"address": {"name": address, "namespace": ns}}})),
+            )
+            .await
+            .unwrap();
         let mut m = capi_machine(
             &name,
             "tpl",
@@ -489,14 +482,7 @@ async fn a_claim_bound_to_an_earlier_machine_is_never_reused() {
     let old = create_machine(&client, &ns, "again").await;
     let uid = old["metadata"]["uid"].as_str().unwrap().to_string();
     let claim = format!("{ns}-again-0");
-    let claims = dynamic(
-        &client,
-        &ns,
-        "ipam.metal3.io",
-        "v1alpha1",
-        "IPClaim",
-        "ipclaims",
-    );
+    let claims = ipclaims(&client, &ns);
     // What the periodic pass does for every machine: bind its claims to its uid.
     claims
         .patch(

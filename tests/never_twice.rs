@@ -24,7 +24,9 @@ use axum::{Json, Router, routing::post};
 use common::controllers;
 use common::controlplane::{ControlPlane, CrdSet, shared, temp_namespace};
 use common::util::{eventually, objects, setup, wait_for_pool};
-use common::webhook::{self, Webhook, WebhookOptions, capi_machine, create, dynamic, machines};
+use common::webhook::{
+    self, Webhook, WebhookOptions, capi_machine, create, dynamic, ipclaims, machines,
+};
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
 };
@@ -1209,14 +1211,7 @@ async fn terminating_orphan_claim(e: &Env, claims: &Api<DynamicObject>) -> (Stri
 async fn claims_held_terminating_by_metal3s_finalizer_are_released() {
     let _shared = CONTROLLERS.read().await;
     let e = env("nt-metal3fin", 48).await;
-    let claims = dynamic(
-        &e.client,
-        &e.ns,
-        "ipam.metal3.io",
-        "v1alpha1",
-        "IPClaim",
-        "ipclaims",
-    );
+    let claims = ipclaims(&e.client, &e.ns);
     deny_later_in_admission(&e.client, &e.ns).await;
 
     // (1) A denied create leaves a claim, which is then held Terminating.
@@ -1399,14 +1394,7 @@ async fn an_address_reserved_by_a_cancelled_request_is_offered_again() {
 async fn a_namespace_with_claims_held_by_metal3s_finalizer_finishes_deleting() {
     let _shared = CONTROLLERS.read().await;
     let e = env("nt-nsdelete", 50).await;
-    let claims = dynamic(
-        &e.client,
-        &e.ns,
-        "ipam.metal3.io",
-        "v1alpha1",
-        "IPClaim",
-        "ipclaims",
-    );
+    let claims = ipclaims(&e.client, &e.ns);
     deny_later_in_admission(&e.client, &e.ns).await;
     terminating_orphan_claim(&e, &claims).await;
     let m = e.machine("kept", json!([{"networkType": "IPV4"}])).await;

@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use common::controlplane::{CrdSet, shared, temp_namespace};
 use common::util::objects;
 use common::webhook::{
-    self, WebhookOptions, capi_machine, create, dynamic, machines, pool, template,
+    self, WebhookOptions, capi_machine, create, dynamic, ipclaims, machines, pool, template,
 };
 use rustls::pki_types::pem::PemObject;
 use serde_json::{Value, json};
@@ -86,20 +86,8 @@ async fn one_machine_gets_its_address_route_dns_and_finalizer() {
     );
 
     let claim_name = format!("{ns}-demo-md-0-8f7qk-x2b9m-0");
-    let claim = serde_json::to_value(
-        dynamic(
-            &client,
-            &ns,
-            "ipam.metal3.io",
-            "v1alpha1",
-            "IPClaim",
-            "ipclaims",
-        )
-        .get(&claim_name)
-        .await
-        .unwrap(),
-    )
-    .unwrap();
+    let claim =
+        serde_json::to_value(ipclaims(&client, &ns).get(&claim_name).await.unwrap()).unwrap();
     assert_eq!(claim["spec"]["pool"]["name"], "ip-pool-1");
     assert_eq!(claim["spec"]["pool"]["kind"], "IPPool");
     assert_eq!(

@@ -17,7 +17,8 @@ use serde_json::{Value, json};
 
 use crate::common::controlplane::{CrdSet, shared, temp_namespace};
 use crate::common::webhook::{
-    self, Webhook, WebhookOptions, capi_machine, create, dynamic, machines, pool, template,
+    self, Webhook, WebhookOptions, capi_machine, create, dynamic, ipclaims, machines, pool,
+    template,
 };
 
 pub const FINALIZER: &str = "elfmachinestaticip.infrastructure.cluster.x-k8s.io";
@@ -1871,21 +1872,14 @@ pub async fn existing_claim_is_adopted(set: CrdSet) {
     )
     .await
     .unwrap();
-    dynamic(
-        &e.client,
-        &e.ns,
-        "ipam.metal3.io",
-        "v1alpha1",
-        "IPClaim",
-        "ipclaims",
-    )
-    .patch_status(
-        &claim,
-        &PatchParams::default(),
-        &Patch::Merge(json!({"status": {"address": reference("IPAddress", "p-10-28-0-33")}})),
-    )
-    .await
-    .unwrap();
+    ipclaims(&e.client, &e.ns)
+        .patch_status(
+            &claim,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"address": reference("IPAddress", "p-10-28-0-33")}})),
+        )
+        .await
+        .unwrap();
     for _ in 0..250 {
         if e.hook
             .running

@@ -317,6 +317,18 @@ pub fn machines(client: &Client, namespace: &str) -> Api<kube::core::DynamicObje
     )
 }
 
+/// A dynamic API for metal3 IPClaims in `namespace`.
+pub fn ipclaims(client: &Client, namespace: &str) -> Api<kube::core::DynamicObject> {
+    dynamic(
+        client,
+        namespace,
+        "ipam.metal3.io",
+        "v1alpha1",
+        "IPClaim",
+        "ipclaims",
+    )
+}
+
 /// A dynamic API for any namespaced kind.
 pub fn dynamic(
     client: &Client,
